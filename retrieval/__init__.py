@@ -1,0 +1,1 @@
+"""Tile retrieval (text -> tile, tile -> tile): see docs/retrieval.md."""
