@@ -1,0 +1,217 @@
+"""Describe the built tiles: a STAC Collection with one Item per tile, and a GeoParquet index.
+
+The STAC side lets any STAC tool (and our own `rustac serve` tests) browse the dataset; the
+GeoParquet index is what the datasets and notebooks query (split, bbox, class fractions) without
+opening thousands of JSON files.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import pystac
+import shapely
+from pystac.extensions.classification import Classification, ClassificationExtension
+from pystac.extensions.file import FileExtension
+from pystac.extensions.projection import ProjectionExtension
+from pystac.extensions.raster import DataType, RasterBand, RasterExtension
+
+from geoseg.build.grid import TileSpec
+from geoseg.build.rasterize import FLOAT_NODATA
+from geoseg.build.tile import TileResult
+from geoseg.classes import CLASS_COLORS, CLASS_DESCRIPTIONS, CLASS_NAMES
+from geoseg.regions import Region
+
+COLLECTION_ID = "n3c-california"
+COG = pystac.MediaType.COG
+LAZ = "application/vnd.laszip"
+
+_RASTER_ASSETS: dict[str, tuple[str, DataType, float | None, str]] = {
+    # name: (title, dtype, nodata, unit)
+    "image": ("NAIP R, G, B, NIR on the tile grid", DataType.UINT8, 0, ""),
+    "label": ("N3C land-cover label (0 = unlabeled)", DataType.UINT8, 0, ""),
+    "dsm": (
+        "LiDAR DSM: highest non-noise point per pixel",
+        DataType.FLOAT32,
+        FLOAT_NODATA,
+        "metre",
+    ),
+    "intensity": ("LiDAR mean intensity per pixel", DataType.FLOAT32, FLOAT_NODATA, ""),
+    "num_returns": ("LiDAR max number of returns per pixel", DataType.UINT8, 0, ""),
+}
+
+
+def _tile_spec(manifest: dict[str, Any]) -> TileSpec:
+    t = manifest["tile"]
+    return TileSpec(t["crs_wkt"], t["epsg"], t["col"], t["row"], t["gsd"], t["size"])
+
+
+def _classes() -> list[Classification]:
+    return [
+        Classification.create(
+            value=v,
+            description=CLASS_DESCRIPTIONS[v],
+            name=name,
+            color_hint="{:02X}{:02X}{:02X}".format(*CLASS_COLORS[v][:3]),
+        )
+        for v, name in enumerate(CLASS_NAMES)
+    ]
+
+
+def tile_item(manifest: dict[str, Any], split: str) -> pystac.Item:
+    tile = _tile_spec(manifest)
+    foot = tile.footprint_lonlat()
+    item = pystac.Item(
+        id=tile.id,
+        geometry=shapely.geometry.mapping(foot),
+        bbox=list(foot.bounds),
+        datetime=datetime.fromisoformat(manifest["datetime"]),
+        properties={
+            "gsd": tile.gsd,
+            "geoseg:split": split,
+            "geoseg:year": manifest["year"],
+            "geoseg:lidar_project": manifest["inputs"]["lidar_project"],
+            "geoseg:missing_bands": manifest["missing_bands"],
+            "geoseg:pixel_counts": manifest["pixels"],
+            "geoseg:point_counts": manifest["points"]["n3c"],
+        },
+        collection=COLLECTION_ID,
+    )
+    proj = ProjectionExtension.ext(item, add_if_missing=True)
+    proj.epsg = tile.epsg
+    if tile.epsg is None:
+        proj.wkt2 = tile.crs_wkt
+    proj.shape = [tile.size, tile.size]
+    proj.transform = list(tile.transform)[:6]
+    proj.bbox = list(tile.bounds)
+    RasterExtension.add_to(item)
+    FileExtension.add_to(item)
+    ClassificationExtension.add_to(item)
+    for name, (title, dtype, nodata, unit) in _RASTER_ASSETS.items():
+        asset = pystac.Asset(f"./{name}.tif", title=title, media_type=COG, roles=["data"])
+        item.add_asset(name, asset)
+        bands = 4 if name == "image" else 1
+        RasterExtension.ext(asset).bands = [
+            RasterBand.create(nodata=nodata, data_type=dtype, unit=unit or None)
+            for _ in range(bands)
+        ]
+        if name == "label":
+            ClassificationExtension.ext(asset).classes = _classes()
+    item.add_asset(
+        "points",
+        pystac.Asset(
+            "./points.laz",
+            title="LiDAR points in the tile CRS, z in metres",
+            media_type=LAZ,
+            roles=["data"],
+        ),
+    )
+    for name, asset in item.assets.items():
+        meta = manifest["files"][Path(asset.href).name]
+        fe = FileExtension.ext(asset)
+        fe.size = meta["size"]
+        fe.checksum = "1220" + meta["sha256"]  # multihash: sha2-256, 32 bytes
+        del name
+    return item
+
+
+def write_catalog(
+    out: Path, done: list[TileResult], splits: dict[str, str], region: Region
+) -> None:
+    """Write `collection.json`, `tiles/<id>/<id>.json` items and `index.parquet`."""
+    items = [tile_item(r.manifest, splits[r.tile_id]) for r in done]
+    if items:
+        extent = pystac.Extent(
+            pystac.SpatialExtent(
+                [list(shapely.union_all([shapely.box(*i.bbox) for i in items]).bounds)]
+            ),
+            pystac.TemporalExtent(
+                [[min(i.datetime for i in items), max(i.datetime for i in items)]]
+            ),
+        )
+    else:
+        extent = pystac.Extent(
+            pystac.SpatialExtent([list(region.geometry.bounds)]),
+            pystac.TemporalExtent([[None, None]]),
+        )
+    collection = pystac.Collection(
+        id=COLLECTION_ID,
+        description=(
+            "N3C-California style tiles: NAIP imagery and USGS 3DEP LiDAR on one grid, labelled "
+            "from the LiDAR's ASPRS classes (others / ground / tree / building). Built by geoseg."
+        ),
+        extent=extent,
+        title=f"geoseg tiles for {region.name}",
+        license="various",
+        summaries=pystac.Summaries({"geoseg:split": sorted(set(splits.values()))}),
+    )
+    ClassificationExtension.add_to(collection)
+    collection.summaries.add("classification:classes", [c.to_dict() for c in _classes()])
+    for item in items:
+        collection.add_item(item)
+    for key, href, media, title in (
+        ("index", "./index.parquet", "application/vnd.apache.parquet", "GeoParquet tile index"),
+        ("stats", "./stats.json", pystac.MediaType.JSON, "band statistics and class counts"),
+        ("report", "./report.json", pystac.MediaType.JSON, "build report"),
+        ("preview", "./preview.png", pystac.MediaType.PNG, "image / label / DSM preview"),
+    ):
+        collection.add_asset(
+            key, pystac.Asset(href, title=title, media_type=media, roles=["metadata"])
+        )
+    collection.normalize_hrefs(str(out), strategy=_TileLayout())
+    collection.save(pystac.CatalogType.SELF_CONTAINED, dest_href=str(out))
+    write_index(out, done, splits)
+
+
+class _TileLayout(pystac.layout.HrefLayoutStrategy):
+    """Items live beside their files: tiles/<id>/<id>.json."""
+
+    def get_catalog_href(self, cat, parent_dir, is_root):
+        return str(Path(parent_dir) / "catalog.json")
+
+    def get_collection_href(self, col, parent_dir, is_root):
+        return str(Path(parent_dir) / "collection.json")
+
+    def get_item_href(self, item, parent_dir):
+        return str(Path(parent_dir) / "tiles" / item.id / f"{item.id}.json")
+
+
+def write_index(out: Path, done: list[TileResult], splits: dict[str, str]) -> None:
+    rows = []
+    for r in done:
+        m = r.manifest
+        tile = _tile_spec(m)
+        labelled = sum(v for k, v in m["pixels"].items() if k != CLASS_NAMES[0]) or 1
+        rows.append(
+            {
+                "tile_id": tile.id,
+                "split": splits[r.tile_id],
+                "epsg": tile.epsg,
+                "crs_wkt": tile.crs_wkt,
+                "gsd": tile.gsd,
+                "size": tile.size,
+                "xmin": tile.bounds[0],
+                "ymin": tile.bounds[1],
+                "xmax": tile.bounds[2],
+                "ymax": tile.bounds[3],
+                "year": m["year"],
+                "datetime": m["datetime"],
+                "lidar_project": m["inputs"]["lidar_project"],
+                "points": m["points"]["count"],
+                **{f"frac_{k}": m["pixels"].get(k, 0) / labelled for k in CLASS_NAMES[1:]},
+                "frac_unlabeled": m["pixels"].get(CLASS_NAMES[0], 0) / (tile.size * tile.size),
+                "path": f"tiles/{tile.id}",
+                "geometry": tile.footprint_lonlat(),
+            }
+        )
+    gdf = (
+        gpd.GeoDataFrame(rows, geometry="geometry", crs="EPSG:4326")
+        if rows
+        else gpd.GeoDataFrame({"tile_id": [], "split": []}, geometry=[], crs="EPSG:4326")
+    )
+    tmp = out / ".tmp-index.parquet"
+    gdf.to_parquet(tmp, index=False)
+    tmp.replace(out / "index.parquet")

@@ -1,0 +1,185 @@
+"""Dataset statistics, the build report (JSON + Markdown) and a preview picture.
+
+Band mean/std are aggregated from per-tile sums (exact, order-independent); training reads them
+from `stats.json` instead of hard-coding ImageNet or NAIP constants.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections import Counter
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import geoseg
+from geoseg.build.writers import write_bytes_atomic, write_json
+from geoseg.classes import CLASS_COLORS, CLASS_NAMES
+
+STAT_BANDS = {
+    "image": ("red", "green", "blue", "nir"),
+    "dsm": ("dsm",),
+    "intensity": ("intensity",),
+}
+
+
+def aggregate_stats(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "bands": {},
+        "pixels": Counter(),
+        "points": Counter(),
+        "asprs": Counter(),
+    }
+    for layer, names in STAT_BANDS.items():
+        n = np.zeros(len(names))
+        s = np.zeros(len(names))
+        ss = np.zeros(len(names))
+        for m in manifests:
+            st = m["stats"][layer]
+            n += st["count"]
+            s += st["sum"]
+            ss += st["sumsq"]
+        mean = np.divide(s, n, out=np.zeros_like(s), where=n > 0)
+        var = np.divide(ss, n, out=np.zeros_like(s), where=n > 0) - mean**2
+        for i, name in enumerate(names):
+            out["bands"][name] = {
+                "layer": layer,
+                "mean": float(mean[i]),
+                "std": float(np.sqrt(max(var[i], 0.0))),
+                "count": int(n[i]),
+            }
+    for m in manifests:
+        out["pixels"].update(m["pixels"])
+        out["points"].update(m["points"]["n3c"])
+        out["asprs"].update(m["points"]["asprs"])
+    out["pixels"] = {k: out["pixels"].get(k, 0) for k in CLASS_NAMES}
+    out["points"] = {k: out["points"].get(k, 0) for k in CLASS_NAMES}
+    out["asprs"] = dict(sorted(out["asprs"].items(), key=lambda kv: int(kv[0])))
+    out["class_names"] = list(CLASS_NAMES)
+    out["class_colors"] = {CLASS_NAMES[k]: list(v) for k, v in CLASS_COLORS.items()}
+    return out
+
+
+def write_report(out: Path, summary, splits: dict[str, str], search: dict, cfg) -> dict[str, Any]:
+    """Write stats.json, splits.json, report.json, report.md and preview.png; return the report."""
+    done = [r for r in summary.results if r.status in ("built", "cached")]
+    stats = aggregate_stats([r.manifest for r in done])
+    write_json(out / "stats.json", stats)
+    by_split: dict[str, list[str]] = {}
+    for tid, s in sorted(splits.items()):
+        by_split.setdefault(s, []).append(tid)
+    write_json(out / "splits.json", by_split)
+    failed = [
+        {"tile_id": r.tile_id, "reason": r.reason} for r in summary.results if r.status == "failed"
+    ]
+    skipped = [
+        {"tile_id": r.tile_id, "reason": r.reason} for r in summary.results if r.status == "skipped"
+    ]
+    skipped += [{"tile_id": t, "reason": why} for t, why in summary.skipped_at_plan]
+    built_secs = [r.seconds for r in summary.results if r.status == "built"]
+    report = {
+        "geoseg_version": geoseg.__version__,
+        "machine": {"python": platform.python_version(), "platform": platform.platform()},
+        "search": search,
+        "tiles": {
+            "built": summary.count("built"),
+            "cached": summary.count("cached"),
+            "skipped": len(skipped),
+            "failed": len(failed),
+            "total_ok": len(done),
+        },
+        "splits": {k: len(v) for k, v in by_split.items()},
+        "seconds": round(summary.seconds, 2),
+        "seconds_per_built_tile": round(float(np.mean(built_secs)), 3) if built_secs else None,
+        "workers": dict(Counter(r.worker for r in summary.results if r.status == "built")),
+        "failed": failed,
+        "skipped": sorted(skipped, key=lambda d: d["tile_id"]),
+        "stats": {"pixels": stats["pixels"], "points": stats["points"]},
+    }
+    write_json(out / "report.json", report)
+    write_bytes_atomic(out / "report.md", lambda p: p.write_text(_markdown(report, stats)))
+    write_preview(out, [r.manifest for r in done])
+    return report
+
+
+def _markdown(report: dict[str, Any], stats: dict[str, Any]) -> str:
+    t = report["tiles"]
+    s = report["search"]
+    lines = [
+        f"# geoseg build report: {s['region']}",
+        "",
+        f"- catalog: {s['catalog']} ({s['stac_url']}), dates: {s['datetime'] or 'any'}",
+        f"- inputs: {s['imagery_items']} NAIP items, {s['lidar_items']} LiDAR items",
+        f"- tiles: {t['total_ok']} ready ({t['built']} built, {t['cached']} from earlier runs), "
+        f"{t['skipped']} skipped, {t['failed']} failed, in {report['seconds']} s",
+        "- splits: " + ", ".join(f"{k} {v}" for k, v in sorted(report["splits"].items())),
+        "",
+        "| class | pixels | points |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {c} | {stats['pixels'][c]:,} | {stats['points'][c]:,} |" for c in CLASS_NAMES]
+    lines += ["", "| band | mean | std |", "|---|---:|---:|"]
+    lines += [f"| {b} | {v['mean']:.3f} | {v['std']:.3f} |" for b, v in stats["bands"].items()]
+    if report["failed"]:
+        lines += ["", "## Failed tiles", ""] + [
+            f"- `{f['tile_id']}`: {f['reason']}" for f in report["failed"]
+        ]
+    if report["skipped"]:
+        reasons = Counter(d["reason"] for d in report["skipped"])
+        lines += ["", "## Skipped tiles", ""] + [
+            f"- {n} × {why}" for why, n in reasons.most_common()
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_preview(out: Path, manifests: list[dict[str, Any]], n: int = 4) -> None:
+    """A PNG of image / label / DSM for up to `n` tiles showing the most classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import rasterio
+    from matplotlib.colors import ListedColormap
+
+    if not manifests:
+        return
+    ranked = sorted(manifests, key=_variety, reverse=True)
+    # Round-robin over grids (CRS) so every site of a multi-site build shows up.
+    by_grid: dict[Any, list[str]] = {}
+    for m in ranked:
+        by_grid.setdefault(m["tile"]["epsg"], []).append(m["tile_id"])
+    picks = [t for group in zip_longest(*by_grid.values()) for t in group if t][:n]
+    cmap = ListedColormap([np.array(CLASS_COLORS[k][:3]) / 255 for k in range(len(CLASS_NAMES))])
+    fig, axes = plt.subplots(len(picks), 3, figsize=(9, 3 * len(picks)), squeeze=False)
+    for row, tid in zip(axes, picks, strict=True):
+        folder = out / "tiles" / tid
+        with rasterio.open(folder / "image.tif") as src:
+            rgb = np.moveaxis(src.read([1, 2, 3]), 0, -1)
+        with rasterio.open(folder / "label.tif") as src:
+            label = src.read(1)
+        with rasterio.open(folder / "dsm.tif") as src:
+            dsm = src.read(1, masked=True)
+        row[0].imshow(rgb)
+        row[1].imshow(label, cmap=cmap, vmin=0, vmax=len(CLASS_NAMES) - 1, interpolation="nearest")
+        row[2].imshow(dsm, cmap="viridis")
+        row[0].set_ylabel(tid, fontsize=7)
+        for ax, title in zip(row, ("image (RGB)", "label", "DSM (m)"), strict=True):
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color=np.array(CLASS_COLORS[k][:3]) / 255)
+        for k in range(1, len(CLASS_NAMES))
+    ]
+    fig.legend(handles, CLASS_NAMES[1:], loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    write_bytes_atomic(out / "preview.png", lambda p: fig.savefig(p, dpi=80, format="png"))
+    plt.close(fig)
+
+
+def _variety(manifest: dict[str, Any]) -> tuple[int, int]:
+    """Rank tiles for the preview: more classes present first, then fewer unlabeled pixels."""
+    px = manifest["pixels"]
+    return (sum(1 for k in CLASS_NAMES[1:] if px.get(k, 0) > 0), -px.get(CLASS_NAMES[0], 0))

@@ -1,0 +1,260 @@
+"""`build_dataset`: region -> STAC search -> tile plan -> dask tasks -> catalog, stats and report.
+
+Nothing is written before the search has found inputs and the plan has tiles, so bad input never
+leaves a half-made output folder. Tiles are independent dask tasks (one per tile, submitted in a
+bounded window so a state-wide plan doesn't flood the scheduler); each finished tile is on disk
+the moment its task ends, so an interrupted build loses at most the tiles in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import shapely
+import yaml
+from tqdm import tqdm
+
+from geoseg.build.catalog import write_catalog
+from geoseg.build.errors import BuildError, EmptySearchError
+from geoseg.build.plan import PlannedTile, plan_tiles
+from geoseg.build.report import write_report
+from geoseg.build.split import assign_splits
+from geoseg.build.tile import TileJob, TileResult, build_tile
+from geoseg.build.writers import remove_stale_temps, write_bytes_atomic
+from geoseg.regions import Region, check_within, resolve_region
+from geoseg.stac.client import PLANETARY_COMPUTER_URL, find_inputs
+from geoseg.stac.server import sample_catalog_dir, serve_catalog
+from geoseg.stac.signing import signer_for
+
+log = logging.getLogger(__name__)
+
+CATALOGS = ("planetary-computer", "sample")
+GRID_DEFAULTS = {"planetary-computer": (1.0, 512), "sample": (0.5, 64)}
+"""(gsd m, tile px): N3C's 512 px at 1 m; the sample's 40 m NEON plots need smaller tiles."""
+
+
+@dataclass
+class BuildConfig:
+    """Everything that defines a build; saved as `build.yaml` next to its outputs."""
+
+    out: str
+    region: str | None = None
+    bbox: list[float] | None = None
+    aoi: str | None = None
+    datetime: str | None = None
+    gsd: float | None = None
+    """Metres per pixel; None = the catalog's default (see `GRID_DEFAULTS`)."""
+    tile_size: int | None = None
+    max_tiles: int | None = None
+    catalog: str = "planetary-computer"
+    stac_url: str | None = None
+    scheduler: str | None = None
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    memory_limit: str = "4GiB"
+    min_coverage: float = 0.25
+    split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    split_block: int = 8
+    seed: int = 0
+
+
+@dataclass
+class BuildSummary:
+    out: Path
+    results: list[TileResult]
+    skipped_at_plan: list[tuple[str, str]]
+    seconds: float
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.results if r.status == status)
+
+
+def _sample_coverage(catalog_dir: Path) -> shapely.Geometry:
+    import json
+
+    geoms = []
+    for path in sorted((catalog_dir / "items").glob("*.json")):
+        for feat in json.loads(path.read_text())["features"]:
+            geoms.append(shapely.geometry.shape(feat["geometry"]))
+    return shapely.union_all(geoms)
+
+
+@contextmanager
+def open_catalog(cfg: BuildConfig) -> Iterator[tuple[str, shapely.Geometry | None, str]]:
+    """Yield (STAC API URL, coverage polygon or None, coverage name) for the chosen catalog.
+
+    The sample catalog is served by a local STAC API (`rustac serve`) so it goes through exactly
+    the code path a remote API does.
+    """
+    if cfg.catalog not in CATALOGS:
+        raise BuildError(f"unknown catalog {cfg.catalog!r}; valid: {', '.join(CATALOGS)}")
+    if cfg.catalog == "sample":
+        folder = sample_catalog_dir()
+        with serve_catalog(folder) as url:
+            yield url, _sample_coverage(folder), "sample catalog"
+        return
+    if cfg.stac_url:
+        yield cfg.stac_url, resolve_region("CA").geometry, "California"
+        return
+    yield PLANETARY_COMPUTER_URL, resolve_region("CA").geometry, "California"
+
+
+def _region(cfg: BuildConfig, coverage: shapely.Geometry) -> Region:
+    given = sum(x is not None for x in (cfg.region, cfg.bbox, cfg.aoi))
+    if given > 1:
+        raise BuildError("give only one of --region, --bbox, --aoi")
+    if given == 0 and cfg.catalog == "sample":
+        return Region("sample", coverage.wkt)
+    return resolve_region(
+        name=cfg.region or ("CA" if given == 0 else None), bbox=cfg.bbox, aoi=cfg.aoi
+    )
+
+
+def with_grid_defaults(cfg: BuildConfig) -> BuildConfig:
+    """A copy of `cfg` with gsd and tile size filled in from the catalog's defaults."""
+    gsd, size = GRID_DEFAULTS.get(cfg.catalog, GRID_DEFAULTS["planetary-computer"])
+    return replace(cfg, gsd=cfg.gsd or gsd, tile_size=cfg.tile_size or size)
+
+
+def plan_build(cfg: BuildConfig) -> tuple[str, Region, list[PlannedTile], dict]:
+    """Search and plan without writing anything: (stac url, region, tiles, search summary)."""
+    with open_catalog(cfg) as (url, coverage, coverage_name):
+        region = _region(cfg, coverage)
+        if coverage is not None:
+            check_within(region, coverage, coverage_name)
+        imagery, lidar = find_inputs(url, region.geojson(), cfg.datetime)
+    where = f"{region.name}" + (f" {cfg.datetime}" if cfg.datetime else "")
+    if not imagery:
+        raise EmptySearchError(f"no NAIP imagery found for {where} at {url}")
+    if not lidar:
+        raise EmptySearchError(f"no 3DEP LiDAR found for {where} at {url}")
+    planned = plan_tiles(region.geometry, imagery, lidar, cfg.gsd, cfg.tile_size)
+    if not any(p.skip_reason is None for p in planned):
+        raise EmptySearchError(f"no tile of {where} has both NAIP and LiDAR coverage")
+    summary = {
+        "stac_url": url,
+        "catalog": cfg.catalog,
+        "region": region.name,
+        "datetime": cfg.datetime,
+        "imagery_items": len(imagery),
+        "lidar_items": len(lidar),
+        "planned_tiles": len(planned),
+    }
+    return url, region, planned, summary
+
+
+@contextmanager
+def dask_client(cfg: BuildConfig, echo: Callable[[str], None]):
+    """A client on the given scheduler, or on a local process cluster we own."""
+    from dask.distributed import Client, LocalCluster
+
+    if cfg.scheduler:
+        try:
+            client = Client(cfg.scheduler, timeout="15s")
+        except OSError as exc:
+            raise BuildError(f"cannot reach dask scheduler {cfg.scheduler}: {exc}") from exc
+        with client:
+            n = len(client.scheduler_info()["workers"])
+            echo(f"dask: attached to {cfg.scheduler} ({n} workers)")
+            yield client
+        return
+    with (
+        LocalCluster(
+            n_workers=max(1, cfg.workers),
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=cfg.memory_limit,
+            dashboard_address=":0",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        echo(f"dask: local cluster, {cfg.workers} workers, dashboard {client.dashboard_link}")
+        yield client
+
+
+def run_jobs(client, jobs: list[TileJob], progress: bool, window: int = 256) -> list[TileResult]:
+    """Run tile jobs with at most `window` in flight; results as they finish."""
+    from dask.distributed import as_completed
+
+    results: list[TileResult] = []
+    pending = iter(jobs)
+    first = [client.submit(build_tile, j, pure=False) for j in _take(pending, window)]
+    ac = as_completed(first)
+    bar = tqdm(total=len(jobs), unit="tile", disable=not progress, file=sys.stderr, mininterval=1.0)
+    for fut in ac:
+        results.append(fut.result())
+        fut.release()
+        bar.update(1)
+        bar.set_postfix_str(results[-1].status, refresh=False)
+        for j in _take(pending, 1):
+            ac.add(client.submit(build_tile, j, pure=False))
+    bar.close()
+    return results
+
+
+def _take(it: Iterator[TileJob], n: int) -> list[TileJob]:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+    return out
+
+
+def build_dataset(
+    cfg: BuildConfig, echo: Callable[[str], None] = print, progress: bool = True
+) -> BuildSummary:
+    """Build (or finish) a dataset in `cfg.out`. Raises BuildError for whole-build problems."""
+    t0 = time.perf_counter()
+    cfg = with_grid_defaults(cfg)
+    url, region, planned, search = plan_build(cfg)
+    out = Path(cfg.out).resolve()
+    signer = signer_for(url)
+    runnable = [p for p in planned if p.skip_reason is None]
+    if cfg.max_tiles is not None:
+        runnable = runnable[: cfg.max_tiles]
+    skipped_at_plan = [(p.tile.id, p.skip_reason or "") for p in planned if p.skip_reason]
+    jobs = [
+        TileJob(p.tile, tuple(p.imagery), tuple(p.lidar), signer, str(out), cfg.min_coverage)
+        for p in runnable
+    ]
+    with dask_client(cfg, echo) as client:  # connect before writing: a bad address leaves nothing
+        out.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_temps(out / "tiles")
+        if removed:
+            echo(f"removed {removed} temporary files left by an interrupted build")
+        config_text = yaml.safe_dump(asdict(cfg), sort_keys=False)
+        write_bytes_atomic(out / "build.yaml", lambda p: p.write_text(config_text))
+        echo(
+            f"{search['imagery_items']} NAIP + {search['lidar_items']} LiDAR items; "
+            f"{len(jobs)} tiles to build, {len(skipped_at_plan)} skipped at planning"
+        )
+        results = run_jobs(client, jobs, progress)
+    results.sort(key=lambda r: r.tile_id)
+    done = [r for r in results if r.status in ("built", "cached")]
+    tiles = {p.tile.id: p.tile for p in runnable}
+    splits = assign_splits(
+        (
+            (
+                r.tile_id,
+                f"{tiles[r.tile_id].crs_wkt}|{tiles[r.tile_id].span}",
+                tiles[r.tile_id].col,
+                tiles[r.tile_id].row,
+            )
+            for r in done
+        ),
+        cfg.split_ratios,
+        cfg.split_block,
+        cfg.seed,
+    )
+    summary = BuildSummary(out, results, skipped_at_plan, time.perf_counter() - t0)
+    write_catalog(out, done, splits, region)
+    write_report(out, summary, splits, search, cfg)
+    return summary

@@ -1,0 +1,179 @@
+"""End-to-end builds of the embedded sample region through the real CLI, dask and STAC server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import laspy
+import numpy as np
+import pystac
+import pytest
+import rasterio
+from rio_cogeo.cogeo import cog_validate
+
+from geoseg.build.tile import FILES, MANIFEST
+from geoseg.classes import CLASS_NAMES
+from tests.utils import GEOSEG, checksums, geoseg
+
+
+def test_sample_build_writes_the_full_tile_set(sample_build: Path):
+    report = json.loads((sample_build / "report.json").read_text())
+    assert report["tiles"]["failed"] == 0
+    assert report["tiles"]["built"] >= 10
+    reasons = {s["reason"] for s in report["skipped"]}
+    assert "no NAIP coverage" in reasons  # the two LiDAR-only NEON plots
+    tiles = sorted(p.parent for p in sample_build.glob(f"tiles/*/{MANIFEST}"))
+    assert len(tiles) == report["tiles"]["total_ok"]
+    for folder in tiles:
+        for name in FILES:
+            assert (folder / name).is_file(), folder / name
+    for name in (
+        "collection.json",
+        "index.parquet",
+        "stats.json",
+        "splits.json",
+        "report.md",
+        "preview.png",
+        "build.yaml",
+    ):
+        assert (sample_build / name).is_file(), name
+    assert not list(sample_build.rglob(".tmp-*"))
+
+
+def test_tile_rasters_are_valid_cogs_on_one_grid(sample_build: Path):
+    folder = next(sample_build.glob("tiles/*/"))
+    profiles = {}
+    for name in ("image", "label", "dsm", "intensity", "num_returns"):
+        path = folder / f"{name}.tif"
+        valid, errors, _ = cog_validate(str(path))
+        assert valid, (name, errors)
+        with rasterio.open(path) as src:
+            profiles[name] = (src.crs, src.transform, src.width, src.height)
+            if name == "image":
+                assert src.count == 4
+                assert src.colorinterp[3] == rasterio.enums.ColorInterp.undefined  # NIR not alpha
+            if name == "label":
+                assert set(np.unique(src.read(1))) <= set(range(len(CLASS_NAMES)))
+                assert src.colormap(1)[3][:3] == (34, 139, 34)
+                assert src.tags()["CLASS_NAMES"].split(",") == list(CLASS_NAMES)
+    assert len(set(profiles.values())) == 1
+    _, transform, w, h = profiles["image"]
+    assert (w, h) == (64, 64) and transform.a == 0.5
+
+
+def test_tile_points_are_in_tile_crs_and_metres(sample_build: Path):
+    teak = sorted(sample_build.glob(f"tiles/32611_*/{MANIFEST}"))  # NEON Teakettle, UTM 11N
+    m = json.loads(teak[len(teak) // 2].read_text())
+    las = laspy.read(sample_build / "tiles" / m["tile_id"] / "points.laz")
+    xmin, ymin, xmax, ymax = m["tile"]["bounds"]
+    assert len(las) == m["points"]["count"] > 0
+    assert xmin <= las.x.min() and las.x.max() <= xmax
+    assert ymin <= las.y.min() and las.y.max() <= ymax
+    assert 2000 < float(np.median(las.z)) < 2400  # Teakettle ground is ~2100-2250 m a.s.l.
+    assert las.header.parse_crs().to_epsg() == m["tile"]["epsg"]
+    assert set(np.unique(las.classification)) <= {1, 2, 5, 7}
+
+
+def test_labels_agree_with_the_points(sample_build: Path):
+    """Pixels labelled tree must have a high-vegetation point as their top labelled point."""
+    stats = json.loads((sample_build / "stats.json").read_text())
+    assert stats["pixels"]["tree"] > 0 and stats["pixels"]["ground"] > 0
+    assert stats["points"]["tree"] > 0
+    for name in ("red", "green", "blue"):
+        assert 0 < stats["bands"][name]["mean"] < 255 and stats["bands"][name]["std"] > 0
+
+
+def test_catalog_index_and_splits(sample_build: Path):
+    collection = pystac.Collection.from_file(str(sample_build / "collection.json"))
+    items = list(collection.get_items(recursive=True))
+    index = gpd.read_parquet(sample_build / "index.parquet")
+    assert len(items) == len(index) > 0
+    item = next(i for i in items if i.id.startswith("32611_"))
+    assert item.properties["proj:code"] == "EPSG:32611"
+    assert item.properties["geoseg:missing_bands"] == ["nir"]  # NEON RGB has no NIR
+    assert {"image", "label", "dsm", "intensity", "num_returns", "points"} <= set(item.assets)
+    label = item.assets["label"].to_dict()
+    assert [c["name"] for c in label["classification:classes"]] == list(CLASS_NAMES)
+    assert label["file:checksum"].startswith("1220")
+    assert Path(item.assets["image"].get_absolute_href()).is_file()
+    assert index.crs.to_epsg() == 4326
+    splits = json.loads((sample_build / "splits.json").read_text())
+    assert set(index["split"]) <= {"train", "val", "test", "buffer"}
+    assert sum(len(v) for v in splits.values()) == len(index)
+
+
+def test_torchgeo_reads_the_image_cogs(sample_build: Path):
+    from torchgeo.datasets import RasterDataset
+    from torchgeo.samplers import RandomGeoSampler
+
+    class Tiles(RasterDataset):
+        filename_glob = "image.tif"
+        is_image = True
+        all_bands = ("red", "green", "blue", "nir")
+
+    ds = Tiles(paths=str(sample_build / "tiles"))
+    sampler = RandomGeoSampler(ds, size=64, length=4)
+    sample = ds[next(iter(sampler))]
+    assert sample["image"].shape == (4, 64, 64)
+
+
+def test_rerun_skips_finished_tiles(sample_build: Path, tmp_path: Path):
+    before = checksums(sample_build)
+    res = geoseg(
+        "build-dataset",
+        "--catalog",
+        "sample",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--out",
+        str(sample_build),
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads((sample_build / "report.json").read_text())
+    assert report["tiles"]["built"] == 0
+    assert report["tiles"]["cached"] == len(before) // len(FILES)
+    assert checksums(sample_build) == before
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_identical_tiles(sample_build: Path, tmp_path: Path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [
+            *GEOSEG,
+            "build-dataset",
+            "--catalog",
+            "sample",
+            "--workers",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # own process group: SIGKILL takes the dask workers too
+    )
+    deadline = time.time() + 300
+    while len(list(out.glob(f"tiles/*/{MANIFEST}"))) < 3:
+        assert proc.poll() is None and time.time() < deadline, "build ended before it was killed"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(list(out.glob(f"tiles/*/{MANIFEST}")))
+    assert 3 <= partial < len(checksums(sample_build))
+    res = geoseg(
+        "build-dataset", "--catalog", "sample", "--workers", "2", "--no-progress", "--out", str(out)
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["tiles"]["cached"] >= partial
+    assert checksums(out) == checksums(sample_build)
+    assert not list(out.rglob(".tmp-*"))

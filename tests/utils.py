@@ -1,0 +1,31 @@
+"""Helpers shared by the end-to-end tests: run the real CLI, compare tile checksums."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from geoseg.build.tile import MANIFEST
+from geoseg.build.writers import sha256
+
+GEOSEG = [sys.executable, "-m", "geoseg.cli"]
+
+
+def geoseg(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*GEOSEG, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def checksums(out: Path) -> dict[str, str]:
+    """sha256 of every file of every finished tile, hashed from disk; checks the manifests too."""
+    sums = {}
+    for manifest in sorted(out.glob(f"tiles/*/{MANIFEST}")):
+        m = json.loads(manifest.read_text())
+        for name, meta in m["files"].items():
+            digest = sha256(manifest.parent / name)
+            assert digest == meta["sha256"], f"{m['tile_id']}/{name} differs from its manifest"
+            sums[f"{m['tile_id']}/{name}"] = digest
+    return sums
