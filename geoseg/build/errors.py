@@ -18,6 +18,18 @@ class TileError(RuntimeError):
 
 
 def short_reason(exc: BaseException) -> str:
-    """First line of an exception message (library errors can be pages long)."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    """First line of an exception's message, from the innermost cause that has one.
+
+    Library errors can be pages long, and rasterio's outer message is often just "Read failed.
+    See previous exception for details": the useful text (e.g. GDAL's) is in the cause.
+    """
+    chain: list[BaseException] = []
+    err: BaseException | None = exc
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for err in reversed(chain):
+        text = str(err).strip()
+        if text:
+            return text.splitlines()[0][:200]
+    return type(exc).__name__

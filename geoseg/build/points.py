@@ -8,6 +8,7 @@ by the vertical axis' unit to metres (the vertical datum itself is kept, e.g. NA
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import laspy
@@ -111,10 +112,22 @@ def _query(path: str, item: PointCloudItem, tile: TileSpec) -> tuple[dict[str, n
     except Exception as exc:  # not COPC (plain LAZ/LAS) or corrupt: laspy raises many kinds
         return _scan_plain(path, item, tile, exc)
     with reader:
+        _check_hierarchy(reader, path, item)
         crs = _resolve_crs(item, reader.header)
         x0, y0, x1, y1 = _source_bounds(tile, crs)
         pts = reader.query(bounds=laspy.copc.Bounds(np.array([x0, y0]), np.array([x1, y1])))
     return {k: np.asarray(pts[k], dtype=_DTYPES[k]) for k in FIELDS}, crs
+
+
+def _check_hierarchy(reader: laspy.CopcReader, path: str, item: PointCloudItem) -> None:
+    """Refuse truncated COPC files: laspy silently returns no points when nodes are missing."""
+    entries = [e for e in reader.root_page.entries.values() if e.point_count > 0]
+    if reader.header.point_count > 0 and not entries:
+        raise TileError(f"points {item.id}: corrupt or truncated COPC (no octree nodes)")
+    if os.path.exists(path):
+        size = os.path.getsize(path)
+        if any(e.offset + e.byte_size > size for e in entries):
+            raise TileError(f"points {item.id}: truncated COPC ({size} bytes on disk)")
 
 
 def _scan_plain(

@@ -8,7 +8,7 @@ the moment its task ends, so an interrupted build loses at most the tiles in fli
 
 from __future__ import annotations
 
-import logging
+import json
 import os
 import sys
 import time
@@ -28,12 +28,10 @@ from geoseg.build.report import write_report
 from geoseg.build.split import assign_splits
 from geoseg.build.tile import TileJob, TileResult, build_tile
 from geoseg.build.writers import remove_stale_temps, write_bytes_atomic
-from geoseg.regions import Region, check_within, resolve_region
+from geoseg.regions import Region, RegionError, check_within, resolve_region
 from geoseg.stac.client import PLANETARY_COMPUTER_URL, find_inputs
 from geoseg.stac.server import sample_catalog_dir, serve_catalog
 from geoseg.stac.signing import signer_for
-
-log = logging.getLogger(__name__)
 
 CATALOGS = ("planetary-computer", "sample")
 GRID_DEFAULTS = {"planetary-computer": (1.0, 512), "sample": (0.5, 64)}
@@ -76,8 +74,6 @@ class BuildSummary:
 
 
 def _sample_coverage(catalog_dir: Path) -> shapely.Geometry:
-    import json
-
     geoms = []
     for path in sorted((catalog_dir / "items").glob("*.json")):
         for feat in json.loads(path.read_text())["features"]:
@@ -86,8 +82,8 @@ def _sample_coverage(catalog_dir: Path) -> shapely.Geometry:
 
 
 @contextmanager
-def open_catalog(cfg: BuildConfig) -> Iterator[tuple[str, shapely.Geometry | None, str]]:
-    """Yield (STAC API URL, coverage polygon or None, coverage name) for the chosen catalog.
+def open_catalog(cfg: BuildConfig) -> Iterator[tuple[str, shapely.Geometry, str]]:
+    """Yield (STAC API URL, coverage polygon, coverage name) for the chosen catalog.
 
     The sample catalog is served by a local STAC API (`rustac serve`) so it goes through exactly
     the code path a remote API does.
@@ -99,21 +95,30 @@ def open_catalog(cfg: BuildConfig) -> Iterator[tuple[str, shapely.Geometry | Non
         with serve_catalog(folder) as url:
             yield url, _sample_coverage(folder), "sample catalog"
         return
-    if cfg.stac_url:
-        yield cfg.stac_url, resolve_region("CA").geometry, "California"
-        return
-    yield PLANETARY_COMPUTER_URL, resolve_region("CA").geometry, "California"
+    yield cfg.stac_url or PLANETARY_COMPUTER_URL, resolve_region("CA").geometry, "California"
 
 
 def _region(cfg: BuildConfig, coverage: shapely.Geometry) -> Region:
     given = sum(x is not None for x in (cfg.region, cfg.bbox, cfg.aoi))
     if given > 1:
-        raise BuildError("give only one of --region, --bbox, --aoi")
+        raise RegionError("give only one of --region, --bbox, --aoi")
     if given == 0 and cfg.catalog == "sample":
         return Region("sample", coverage.wkt)
     return resolve_region(
         name=cfg.region or ("CA" if given == 0 else None), bbox=cfg.bbox, aoi=cfg.aoi
     )
+
+
+def search_geometry(region: Region, max_vertices: int = 500) -> dict:
+    """A covering, simplified region for the STAC query: APIs cap request sizes.
+
+    Tiles are still planned against the exact region; the ~1 km buffer keeps the simplified
+    outline a superset of it.
+    """
+    geom = region.geometry
+    if shapely.get_num_coordinates(geom) > max_vertices:
+        geom = shapely.simplify(geom.buffer(0.01), 0.005)
+    return shapely.geometry.mapping(geom)
 
 
 def with_grid_defaults(cfg: BuildConfig) -> BuildConfig:
@@ -126,9 +131,8 @@ def plan_build(cfg: BuildConfig) -> tuple[str, Region, list[PlannedTile], dict]:
     """Search and plan without writing anything: (stac url, region, tiles, search summary)."""
     with open_catalog(cfg) as (url, coverage, coverage_name):
         region = _region(cfg, coverage)
-        if coverage is not None:
-            check_within(region, coverage, coverage_name)
-        imagery, lidar = find_inputs(url, region.geojson(), cfg.datetime)
+        check_within(region, coverage, coverage_name)
+        imagery, lidar = find_inputs(url, search_geometry(region), cfg.datetime)
     where = f"{region.name}" + (f" {cfg.datetime}" if cfg.datetime else "")
     if not imagery:
         raise EmptySearchError(f"no NAIP imagery found for {where} at {url}")
