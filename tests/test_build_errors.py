@@ -107,7 +107,9 @@ def test_corrupt_inputs_fail_their_tiles_and_the_build_goes_on(tmp_path: Path):
         cog.write_bytes(cog.read_bytes()[: cog.stat().st_size // 3])  # truncated COG
         laz = _asset(root, copc["features"][2], "data")
         laz.write_bytes(laz.read_bytes()[: laz.stat().st_size * 2 // 3])  # truncated COPC
+        naip["features"][1]["properties"]["proj:epsg"] = 26911  # file is EPSG:32611
         broken["naip"], broken["copc"] = naip["features"][0]["id"], copc["features"][2]["id"]
+        broken["crs"] = naip["features"][1]["id"]
 
     root = _catalog_copy(tmp_path, corrupt)
     out = tmp_path / "out"
@@ -118,7 +120,8 @@ def test_corrupt_inputs_fail_their_tiles_and_the_build_goes_on(tmp_path: Path):
     report = json.loads((out / "report.json").read_text())
     reasons = " ".join(f["reason"] for f in report["failed"])
     assert broken["naip"] in reasons and broken["copc"] in reasons
-    assert "unreadable" in reasons
+    assert "unreadable" in reasons and "truncated COPC" in reasons
+    assert f"imagery {broken['crs']}: CRS mismatch" in reasons
     assert report["tiles"]["built"] > 10  # ... and every other tile was built
     assert "Failed tiles" in (out / "report.md").read_text()
 

@@ -1,0 +1,45 @@
+"""The command line itself: --version, --help on every command, one consistent --out."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from geoseg import __version__
+from geoseg.cli import main
+
+
+def test_version():
+    res = CliRunner().invoke(main, ["--version"])
+    assert res.exit_code == 0 and __version__ in res.output
+
+
+def test_every_command_has_help_and_out():
+    runner = CliRunner()
+    top = runner.invoke(main, ["--help"])
+    assert top.exit_code == 0
+    for name, command in main.commands.items():
+        res = runner.invoke(main, [name, "--help"])
+        assert res.exit_code == 0, name
+        assert "--out" in res.output, f"{name} lacks --out"
+        assert name in top.output
+        assert command.help
+
+
+def test_build_dataset_help_lists_the_documented_options():
+    res = CliRunner().invoke(main, ["build-dataset", "--help"])
+    for option in (
+        "--region",
+        "--bbox",
+        "--aoi",
+        "--year",
+        "--datetime",
+        "--gsd",
+        "--tile-size",
+        "--max-tiles",
+        "--stac-url",
+        "--catalog",
+        "--scheduler",
+        "--workers",
+        "--out",
+    ):
+        assert option in res.output, option  # fmt: skip
