@@ -27,11 +27,11 @@ demo: venv
 	@echo "demo outputs: $(DEMO)/report.md, $(DEMO)/preview.png, $(DEMO)/collection.json"
 
 test: venv
-	$(BIN)/ruff check geoseg retrieval tests benchmarks data_catalog/tools
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra --durations=15
 
 lint: venv
-	$(BIN)/ruff check geoseg retrieval tests benchmarks data_catalog/tools
+	$(BIN)/ruff check .
 
 clean-demo:
 	rm -rf $(DEMO)
