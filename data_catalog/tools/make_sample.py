@@ -25,11 +25,10 @@ import shutil
 import struct
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import copclib as copc
 import laspy
 import numpy as np
 import pyproj
@@ -41,6 +40,8 @@ from rasterio.features import geometry_mask
 from rasterio.shutil import copy as rio_copy
 from rasterio.transform import from_origin
 from rio_cogeo.cogeo import cog_validate
+
+from geoseg.build.copc import to_copc_format, write_copc
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SHARED = REPO.parent / "shared" / "data"
@@ -264,18 +265,7 @@ def naip_item(
     }
 
 
-# --- COPC writing --------------------------------------------------------------------------------
-
-ROOT_CELLS = 128
-
-
-def octree_depth(n_points: int) -> int:
-    """Coarse octree: one node for plot-sized clouds, 3 levels for ~1e5-1e6 points.
-
-    Nodes should hold >= ~10k points (measurements.md section 2: small nodes cost compression and
-    decode speed), so a 10k-point plot is a single root node.
-    """
-    return 0 if n_points < 50_000 else 2
+# --- COPC --------------------------------------------------------------------------------------
 
 
 def raw_creation_date(path: Path) -> tuple[int, int]:
@@ -286,136 +276,12 @@ def raw_creation_date(path: Path) -> tuple[int, int]:
     return year, doy
 
 
-def write_copc(
-    las: laspy.LasData, dst: Path, wkt: str, creation: tuple[int, int], seed: int = 0
-) -> dict[str, Any]:
-    """Write `las` (PF 6/7/8) as COPC with copclib, following measurements.md section 2.
-
-    `creation` (year, day-of-year) is copied into the header instead of today's date, so reruns
-    produce identical bytes and the source's only date hint survives.
-    """
-    hdr = las.header
-    pf = hdr.point_format.id
-    assert pf in (6, 7, 8), pf
-    assert not list(hdr.point_format.extra_dimension_names), "extra bytes are not written"
-    rec = las.points.array
-    assert rec.dtype.itemsize == hdr.point_format.size
-    xyz = np.column_stack([las.x, las.y, las.z]).astype(np.float64)
-    mins, maxs = xyz.min(0), xyz.max(0)
-    halfsize = float((maxs - mins).max() / 2) + 1e-6  # the root node is a cube
-    center = mins + halfsize
-    cube_min = center - halfsize
-    max_depth = octree_depth(len(xyz))
-
-    # Level of detail by grid thinning: at depth d keep one random point per cell of edge
-    # cube/(ROOT_CELLS*2^d); the rest goes to max_depth, so every node has a non-empty parent.
-    rng = np.random.default_rng(seed)
-    remaining = rng.permutation(len(xyz))
-    depth_of = np.full(len(xyz), max_depth, np.int8)
-    for d in range(max_depth):
-        n = ROOT_CELLS * 2**d
-        ijk = np.floor((xyz[remaining] - cube_min) / (2 * halfsize / n)).astype(np.int64)
-        _, first = np.unique((ijk[:, 0] * n + ijk[:, 1]) * n + ijk[:, 2], return_index=True)
-        depth_of[remaining[first]] = d
-        keep = np.ones(len(remaining), bool)
-        keep[first] = False
-        remaining = remaining[keep]
-
-    cfg = copc.CopcConfigWriter(
-        pf, scale=copc.Vector3(*hdr.scales), offset=copc.Vector3(*hdr.offsets), wkt=wkt
+def write_sample_copc(las: laspy.LasData, dst: Path, crs: CRS, source: Path) -> dict[str, Any]:
+    """Write COPC keeping the source's raw header date (its only date hint); facts for README."""
+    layout = write_copc(
+        las, dst, crs, creation=raw_creation_date(source), software=GENERATING_SOFTWARE
     )
-    info = cfg.copc_info
-    info.center_x, info.center_y, info.center_z = map(float, center)  # queries need these
-    info.halfsize = halfsize
-    info.spacing = 2 * halfsize / ROOT_CELLS
-    lh = cfg.las_header
-    lh.min = copc.Vector3(*map(float, mins))
-    lh.max = copc.Vector3(*map(float, maxs))
-    lh.creation_year, lh.creation_day = creation
-    lh.guid = ""  # nil GUID, as in the sources
-    lh.file_source_id = int(hdr.file_source_id)
-    lh.generating_software = GENERATING_SOFTWARE
-    lh.system_identifier = hdr.system_identifier or ""
-    # Keep the GPS-time meaning of the source (bit 0: adjusted standard vs week time); bit 4 = WKT.
-    lh.global_encoding = (int(hdr.global_encoding.value) & 0b1) | 0b10000
-    returns = np.asarray(las.return_number)
-    lh.points_by_return = [int((returns == r).sum()) for r in range(1, 16)]
-
-    writer = copc.FileWriter(str(dst), cfg)
-    nodes: list[tuple[int, int]] = []
-    for d in range(max_depth + 1):
-        sel = np.flatnonzero(depth_of == d)
-        if len(sel) == 0:
-            continue
-        ijk = np.floor((xyz[sel] - cube_min) / (2 * halfsize / 2**d)).astype(np.int64)
-        ijk = np.clip(ijk, 0, 2**d - 1)
-        keys, inv = np.unique(ijk, axis=0, return_inverse=True)
-        inv = inv.ravel()
-        order = np.argsort(inv, kind="stable")
-        bounds = np.searchsorted(inv[order], np.arange(len(keys) + 1))
-        for k in range(len(keys)):
-            idx = sel[order[bounds[k] : bounds[k + 1]]]
-            raw = np.frombuffer(rec[idx].tobytes(), dtype=np.int8)  # copclib wants signed char
-            writer.AddNode(copc.VoxelKey(d, *map(int, keys[k])), copc.VectorChar(raw))
-            nodes.append((d, len(idx)))
-    writer.Close()
-    move_wkt_to_vlr(dst)
-    return {
-        "nodes": len(nodes),
-        "levels": max_depth + 1,
-        "min_node_points": min(n for _, n in nodes),
-        "max_node_points": max(n for _, n in nodes),
-    }
-
-
-def move_wkt_to_vlr(path: Path) -> None:
-    """Move the WKT CRS record that copclib writes as the last EVLR into the VLR section.
-
-    laspy's CopcReader (and other readers that only look at VLRs) would otherwise see no CRS;
-    PDAL-written COPC, such as Planetary Computer's 3DEP files, carry the WKT as a regular VLR.
-    Inserting S bytes before the point data shifts every absolute offset after it: the header's
-    point-data and EVLR offsets, the LAZ chunk-table pointer, the COPC info VLR's root hierarchy
-    offset and each hierarchy entry's offset. All are patched here.
-    """
-    b = bytearray(path.read_bytes())
-    (header_size,) = struct.unpack_from("<H", b, 94)
-    point_offset, n_vlrs = struct.unpack_from("<II", b, 96)
-    evlr_start, n_evlrs = struct.unpack_from("<QI", b, 235)
-    evlrs = []
-    pos = evlr_start
-    for _ in range(n_evlrs):
-        user = bytes(b[pos + 2 : pos + 18]).rstrip(b"\0")
-        (record_id,) = struct.unpack_from("<H", b, pos + 18)
-        (length,) = struct.unpack_from("<Q", b, pos + 20)
-        evlrs.append((pos, user, record_id, length))
-        pos += 60 + length
-    assert pos == len(b), "unexpected bytes after the EVLRs"
-    wkt_pos, user, record_id, wkt_len = evlrs[-1]
-    assert (user, record_id) == (b"LASF_Projection", 2112), evlrs
-    assert wkt_len < 2**16
-    vlr = struct.pack(
-        "<H16sHH32s", 0, b"LASF_Projection", 2112, wkt_len, b"OGC Coordinate System WKT"
-    ) + bytes(b[wkt_pos + 60 : wkt_pos + 60 + wkt_len])
-    shift = len(vlr)
-
-    assert bytes(b[header_size + 2 : header_size + 18]).rstrip(b"\0") == b"copc"
-    info = header_size + 54  # payload of the first VLR: COPC info
-    root_offset, root_size = struct.unpack_from("<QQ", b, info + 40)
-    pages = [(root_offset, root_size)]
-    while pages:
-        page_offset, page_size = pages.pop()
-        for entry in range(page_offset, page_offset + page_size, 32):
-            offset, byte_size, count = struct.unpack_from("<Qii", b, entry + 16)
-            if count == -1:
-                pages.append((offset, byte_size))
-            if count == -1 or byte_size > 0:
-                struct.pack_into("<Q", b, entry + 16, offset + shift)
-    struct.pack_into("<Q", b, info + 40, root_offset + shift)
-    (chunk_table,) = struct.unpack_from("<q", b, point_offset)
-    struct.pack_into("<q", b, point_offset, chunk_table + shift)
-    struct.pack_into("<II", b, 96, point_offset + shift, n_vlrs + 1)
-    struct.pack_into("<QI", b, 235, evlr_start + shift, n_evlrs - 1)
-    path.write_bytes(bytes(b[:point_offset]) + vlr + bytes(b[point_offset:wkt_pos]))
+    return asdict(layout)
 
 
 def verify_copc(path: Path, src: laspy.LasData, crs: CRS) -> None:
@@ -536,24 +402,6 @@ def class_counts(las: laspy.LasData) -> dict[int, int]:
 # --- site: NEON TEAK -----------------------------------------------------------------------------
 
 
-def pf1_to_pf6(las: laspy.LasData) -> laspy.LasData:
-    """LAS 1.3 PF1 -> LAS 1.4 PF6 (COPC allows only PF6/7/8), keeping every field.
-
-    laspy.convert zeroes the scan angle (PF1 `scan_angle_rank` is whole degrees as int8, PF6
-    `scan_angle` is int16 in 0.006 degree steps), so it is carried over explicitly.
-    """
-    out = laspy.convert(las, point_format_id=6, file_version="1.4")
-    out.scan_angle = np.round(np.asarray(las.scan_angle_rank, np.float64) / 0.006).astype(np.int16)
-    for dim in (
-        "X", "Y", "Z", "intensity", "return_number", "number_of_returns", "scan_direction_flag",
-        "edge_of_flight_line", "classification", "synthetic", "key_point", "withheld",
-        "user_data", "point_source_id", "gps_time",
-    ):  # fmt: skip
-        assert np.array_equal(np.asarray(out[dim]), np.asarray(las[dim])), dim
-    out.update_header()
-    return out
-
-
 def build_teak(shared: Path, out: Path, tmp: Path) -> list[Entry]:
     src = shared / "neon_teak"
     entries: list[Entry] = []
@@ -586,15 +434,21 @@ def build_teak(shared: Path, out: Path, tmp: Path) -> list[Entry]:
         )
 
     crs = CRS.from_user_input(TEAK_COMPOUND)
-    wkt = crs.to_wkt("WKT1_GDAL")
     for laz in sorted((src / "lidar").glob("TEAK_*.laz")):
         plot = laz.stem
         item_id = f"NEON_LPC_TEAK_{TEAK_YEAR}_{plot}"
         dst = out / "assets" / "3dep-lidar-copc" / f"{item_id}.copc.laz"
         las = laspy.read(laz)
         assert las.header.parse_crs() is None, f"{laz} unexpectedly declares a CRS"
-        las6 = pf1_to_pf6(las)
-        stats = write_copc(las6, dst, wkt, raw_creation_date(laz))
+        las6 = to_copc_format(las)  # PF1 -> PF6, scan angle carried over
+        for dim in (
+            "X", "Y", "Z", "intensity", "return_number", "number_of_returns",
+            "scan_direction_flag", "edge_of_flight_line", "classification", "synthetic",
+            "key_point", "withheld", "user_data", "point_source_id", "gps_time",
+        ):  # fmt: skip
+            assert np.array_equal(np.asarray(las6[dim]), np.asarray(las[dim])), dim
+        assert np.array_equal(np.round(las6.scan_angle * 0.006), las.scan_angle_rank)
+        stats = write_sample_copc(las6, dst, crs, laz)
         verify_copc(dst, las6, crs)
         item = copc_item(
             item_id, dst, out, las6, crs, project=TEAK_PROJECT,
@@ -718,7 +572,7 @@ def build_lambert93(shared: Path, out: Path, tmp: Path) -> list[Entry]:
     las.update_header()
     copc_id = f"FR_L93_LPC_{year}_0484_6633"
     dst = out / "assets" / "3dep-lidar-copc" / f"{copc_id}.copc.laz"
-    stats = write_copc(las, dst, crs.to_wkt("WKT1_GDAL"), raw_creation_date(src))
+    stats = write_sample_copc(las, dst, crs, src)
     verify_copc(dst, las, crs)
     pc = copc_item(
         copc_id, dst, out, las, crs, project=f"FR_L93_LIDAR_{year}",
@@ -929,14 +783,15 @@ The script is deterministic: a rerun gives byte-identical files (checksums below
   PHOTOMETRIC=RGB (and ALPHA=UNSPECIFIED for 4 bands); each one is checked with
   `rio_cogeo.cogeo.cog_validate(strict=True)`, for colour interpretation, and for a pixel
   round-trip.
-- COPC: copclib (no PDAL), following the recipe in `shared/reference/measurements.md` section 2:
-  cube root node with `center`/`halfsize` set, level of detail by grid thinning (128 root cells,
-  seeded RNG), raw records passed as signed-char buffers. Plot-sized clouds (< 50k points) are a
-  single root node; larger ones get 3 levels, so that nodes hold >= ~10k points. The header
-  creation date (copied from the source), GUID and software fields are fixed. copclib writes the
-  WKT CRS as an EVLR, which `laspy.CopcReader` does not read, so the script moves it into a
-  regular VLR, as PDAL-written COPC files have it, and patches the shifted offsets (header,
-  LAZ chunk-table pointer, COPC info, hierarchy entries).
+- COPC: `geoseg.build.copc.write_copc` (copclib, no PDAL), following the recipe in
+  `shared/reference/measurements.md` section 2: cube root node with `center`/`halfsize` set,
+  level of detail by grid thinning (128 root cells, seeded RNG), raw records passed as
+  signed-char buffers. The leaf level is the shallowest at which no node holds more than 100,000
+  points, so plot-sized clouds are a single root node. The header creation date (copied from the
+  source), GUID and software fields are fixed. copclib writes the WKT CRS as an EVLR, which
+  `laspy.CopcReader` does not read, so it is moved into a regular VLR, as PDAL-written COPC
+  files have it, and the shifted offsets are patched (header, LAZ chunk-table pointer, COPC
+  info, hierarchy entries).
 - The script checks every COPC with `laspy.CopcReader` (header count; every point record
   byte-identical to the converted source; CRS present and equal to the intended one; a bounded
   query over the 30%..70% XY box equal to a brute-force count) and with a plain `laspy.read`.
