@@ -171,9 +171,9 @@ def write_preview(out: Path, manifests: list[dict[str, Any]], n: int = 4) -> Non
             ax.set_yticks([])
     handles = [
         plt.Rectangle((0, 0), 1, 1, color=np.array(CLASS_COLORS[k][:3]) / 255)
-        for k in range(1, len(CLASS_NAMES))
+        for k in range(len(CLASS_NAMES))
     ]
-    fig.legend(handles, CLASS_NAMES[1:], loc="lower center", ncol=4, fontsize=8)
+    fig.legend(handles, CLASS_NAMES, loc="lower center", ncol=len(CLASS_NAMES), fontsize=8)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     write_bytes_atomic(out / "preview.png", lambda p: fig.savefig(p, dpi=80, format="png"))
     plt.close(fig)
