@@ -1,0 +1,270 @@
+"""Torch, TorchGeo and Lightning views of a `geoseg build-dataset` folder (N3C-California layout).
+
+`N3CCalifornia` is the multi-modal tile dataset the models train on: one sample = one tile's
+normalised image, label mask and point pyramid (`geoseg.datasets.points`); `collate` stacks
+samples into the model batch contract (`geoseg.models.batch.Batch`, plus targets).
+`N3CImage` / `N3CLabel` expose the same COGs as TorchGeo `RasterDataset`s, so TorchGeo's
+geo-samplers can cut arbitrary windows across tiles (image and mask only: points need the tile).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import laspy
+import lightning as L
+import numpy as np
+import pandas as pd
+import rasterio
+import torch
+from affine import Affine
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchgeo.datasets import NonGeoDataset, RasterDataset
+
+from geoseg.datasets.points import PointConfig, prepare_points
+
+SPLITS = ("train", "val", "test", "buffer")
+"""Split names of index.parquet; `buffer` tiles separate the others and are normally unused."""
+
+LAYER_BANDS: dict[str, tuple[str, ...]] = {
+    "image": ("red", "green", "blue", "nir"),
+    "dsm": ("dsm",),
+    "intensity": ("intensity",),
+}
+"""Raster layer (`<layer>.tif`) -> its bands in file order; names are those of stats.json."""
+
+BAND_PRESETS: dict[str, tuple[str, ...]] = {
+    "rgb": ("red", "green", "blue"),
+    "rgbn": ("red", "green", "blue", "nir"),
+    "rgbn+dsm+intensity": ("red", "green", "blue", "nir", "dsm", "intensity"),
+}
+
+LAS_FIELDS = ("x", "y", "z", "intensity", "return_number", "classification")
+
+
+def _band_layer(band: str) -> tuple[str, int]:
+    """(layer, 1-based band index) of a band name."""
+    for layer, names in LAYER_BANDS.items():
+        if band in names:
+            return layer, names.index(band) + 1
+    known = [b for names in LAYER_BANDS.values() for b in names]
+    raise ValueError(f"unknown band {band!r}; choose from {known} or presets {list(BAND_PRESETS)}")
+
+
+def split_tiles(root: str | Path, split: str) -> pd.DataFrame:
+    """Rows of index.parquet for one split, with one-line errors for the usual mistakes."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"build folder not found: {root}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {list(SPLITS)}")
+    index = root / "index.parquet"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} not found; is {root} a geoseg build-dataset output?")
+    tiles = pd.read_parquet(index, columns=["tile_id", "split", "path", "size"])
+    tiles = tiles[tiles["split"] == split].sort_values("tile_id").reset_index(drop=True)
+    if tiles.empty:
+        raise ValueError(f"split {split!r} of {root} has no tiles")
+    return tiles
+
+
+def tile_files(root: str | Path, split: str, layer: str) -> list[Path]:
+    """`<layer>.tif` of every tile of a split, to restrict `N3CImage`/`N3CLabel` to that split."""
+    return [Path(root) / p / f"{layer}.tif" for p in split_tiles(root, split)["path"]]
+
+
+class N3CCalifornia(NonGeoDataset):
+    """One split of a build: image + mask + point pyramid per tile.
+
+    Sample keys: image float32 (C, H, W) normalised with stats.json (nodata -> 0, the mean);
+    mask int64 (H, W) (0 = unlabeled); points (`PointsBatch` tensors without batch axis);
+    point_labels int64 (N,); tile_id. `bands` is a preset of `BAND_PRESETS` or band names.
+
+    Randomness (point sampling, augmentation): with `seed` an int, item i always draws from
+    seed (seed, i), which suits val/test. With None it is drawn from torch's RNG, which
+    DataLoader seeds per worker and epoch, so `lightning.seed_everything` makes training
+    reproducible while every epoch sees new samples.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        bands: str | Sequence[str] = "rgbn",
+        point_config: PointConfig | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        tiles = split_tiles(self.root, split)
+        stats_path = self.root / "stats.json"
+        if not stats_path.is_file():
+            raise FileNotFoundError(f"{stats_path} not found; rebuild with geoseg build-dataset")
+        if isinstance(bands, str) and bands not in BAND_PRESETS:
+            raise ValueError(f"unknown band preset {bands!r}; choose from {list(BAND_PRESETS)}")
+        self.bands = BAND_PRESETS[bands] if isinstance(bands, str) else tuple(bands)
+        if not self.bands:
+            raise ValueError("no bands selected")
+        self._sources = [_band_layer(b) for b in self.bands]
+        stats = json.loads(stats_path.read_text())["bands"]
+        self.mean = np.array([stats[b]["mean"] for b in self.bands], np.float32)
+        self.std = np.array([stats[b]["std"] or 1.0 for b in self.bands], np.float32)
+        self.point_config = point_config or PointConfig()
+        step = 2**self.point_config.levels
+        if (tiles["size"] % step).any():
+            raise ValueError(f"tile sizes must be divisible by 2^levels = {step}")
+        self.split = split
+        self.seed = seed
+        self.tile_ids: list[str] = tiles["tile_id"].tolist()
+        self.folders = [self.root / p for p in tiles["path"]]
+
+    def __len__(self) -> int:
+        return len(self.tile_ids)
+
+    def read_image(self, index: int) -> tuple[np.ndarray, Affine]:
+        """Normalised (C, H, W) float32 image of the configured bands and its geotransform."""
+        layers: dict[str, np.ndarray] = {}
+        transform = Affine.identity()
+        for layer in dict.fromkeys(layer for layer, _ in self._sources):  # each file once
+            with rasterio.open(self.folders[index] / f"{layer}.tif") as src:
+                data = src.read().astype(np.float32)
+                if src.nodata is not None:
+                    data[data == src.nodata] = np.nan
+                layers[layer], transform = data, src.transform
+        channels = np.stack([layers[layer][band - 1] for layer, band in self._sources])
+        image = (channels - self.mean[:, None, None]) / self.std[:, None, None]
+        return np.nan_to_num(image, nan=0.0).astype(np.float32), transform
+
+    def read_points(self, index: int) -> dict[str, np.ndarray]:
+        """The LAS fields the point pipeline uses, x/y/z as float64 map coordinates."""
+        las = laspy.read(self.folders[index] / "points.laz")
+        return {name: np.asarray(las[name]) for name in LAS_FIELDS}
+
+    def _rng(self, index: int) -> np.random.Generator:
+        if self.seed is None:
+            return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        return np.random.default_rng([self.seed, index])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, transform = self.read_image(index)
+        with rasterio.open(self.folders[index] / "label.tif") as src:
+            mask = src.read(1).astype(np.int64)
+        rng = self._rng(index)
+        flip = self.point_config.augment and bool(rng.random() < 0.5)
+        pts = prepare_points(
+            self.read_points(index), transform, mask.shape, self.point_config, rng, flip=flip
+        )
+        if flip:
+            image, mask = image[..., ::-1].copy(), mask[..., ::-1].copy()
+        labels = pts.pop("labels")
+        points = {
+            key: [torch.from_numpy(a) for a in value]
+            if isinstance(value, list)
+            else torch.from_numpy(value)
+            for key, value in pts.items()
+        }
+        return {
+            "image": torch.from_numpy(image),
+            "mask": torch.from_numpy(mask),
+            "points": points,
+            "point_labels": torch.from_numpy(labels),
+            "tile_id": self.tile_ids[index],
+        }
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack `N3CCalifornia` samples into a model `Batch` plus mask, point_labels, tile_id."""
+
+    def stack(key: str) -> Tensor:
+        return torch.stack([s[key] for s in samples])
+
+    first = samples[0]["points"]
+    points = {
+        key: [torch.stack([s["points"][key][i] for s in samples]) for i in range(len(value))]
+        if isinstance(value, list)
+        else torch.stack([s["points"][key] for s in samples])
+        for key, value in first.items()
+    }
+    return {
+        "image": stack("image"),
+        "mask": stack("mask"),
+        "points": points,
+        "point_labels": stack("point_labels"),
+        "tile_id": [s["tile_id"] for s in samples],
+    }
+
+
+class N3CImage(RasterDataset):
+    """The tiles' `image.tif` (uint8 R, G, B, NIR; 0 = nodata) as a TorchGeo raster dataset.
+
+    paths: the build's `tiles/` folder (all splits) or `tile_files(root, split, "image")`.
+    """
+
+    filename_glob = "image.tif"
+    is_image = True
+    all_bands = LAYER_BANDS["image"]
+    rgb_bands = BAND_PRESETS["rgb"]
+
+
+class N3CLabel(RasterDataset):
+    """The tiles' `label.tif` (N3C class, 0 = unlabeled) as a TorchGeo mask dataset."""
+
+    filename_glob = "label.tif"
+    is_image = False
+
+
+class N3CDataModule(L.LightningDataModule):
+    """train/val/test loaders of one build; val and test are seeded, train is augmented."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        bands: str | Sequence[str] = "rgbn",
+        point_config: PointConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.bands = bands
+        self.point_config = point_config or PointConfig(augment=True)
+        self.seed = seed
+        self.datasets: dict[str, N3CCalifornia] = {}
+
+    def _dataset(self, split: str) -> N3CCalifornia:
+        if split == "train":
+            return N3CCalifornia(self.root, split, self.bands, self.point_config)
+        evaluation = replace(self.point_config, augment=False)
+        return N3CCalifornia(self.root, split, self.bands, evaluation, seed=self.seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+        for split in splits.get(stage, ()) if stage else ("train", "val", "test"):
+            if split not in self.datasets:
+                self.datasets[split] = self._dataset(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,267 @@
+"""The point pipeline and the torch/TorchGeo/Lightning datasets on the real sample build."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import torch
+from affine import Affine
+from torch.utils.data import DataLoader
+from torchgeo.datasets import stack_samples
+from torchgeo.samplers import RandomGeoSampler
+
+from geoseg.classes import NOISE_CODES, UNLABELED
+from geoseg.datasets.n3c import (
+    N3CCalifornia,
+    N3CDataModule,
+    N3CImage,
+    N3CLabel,
+    collate,
+    split_tiles,
+    tile_files,
+)
+from geoseg.datasets.points import (
+    PointConfig,
+    augment,
+    pixels_to_points,
+    points_to_pixels,
+    prepare_points,
+    sample_fixed,
+)
+from geoseg.models import create_model
+
+CFG = PointConfig(num_points=2048, levels=4, ratio=4, k=16)  # 2048 -> 512 -> 128 -> 32 -> 8
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def train(sample_build: Path) -> N3CCalifornia:
+    return N3CCalifornia(sample_build, "train", point_config=CFG, seed=0)
+
+
+def _richest(ds: N3CCalifornia) -> int:
+    """Index of the tile with the most labelled pixels other than ground, for sharper checks."""
+    scores = []
+    for folder in ds.folders:
+        with rasterio.open(folder / "label.tif") as src:
+            scores.append(int((src.read(1) > 2).sum()))
+    return int(np.argmax(scores))
+
+
+def _tile(ds: N3CCalifornia, index: int) -> tuple[dict[str, np.ndarray], Affine]:
+    _, transform = ds.read_image(index)
+    return ds.read_points(index), transform
+
+
+def test_projection_round_trip(train: N3CCalifornia) -> None:
+    arrays, transform = _tile(train, 0)
+    x, y = arrays["x"], arrays["y"]
+    rowcol = points_to_pixels(x, y, transform, SIZE)
+    assert rowcol.min() >= 0 and rowcol.max() < SIZE
+    inside = (rowcol > 0).all(1) & (rowcol < SIZE - 1e-6).all(1)  # not clipped
+    centres = pixels_to_points(np.floor(rowcol).astype(np.int64), transform)
+    gsd = transform.a
+    assert np.abs(centres - np.stack([x, y], 1))[inside].max() <= gsd / 2 + 1e-9
+    # and back: a pixel centre projects into its own pixel
+    pix = np.array([[0, 0], [5, 17], [SIZE - 1, SIZE - 1]])
+    xy = pixels_to_points(pix, transform)
+    np.testing.assert_array_equal(
+        np.floor(points_to_pixels(xy[:, 0], xy[:, 1], transform, SIZE)), pix
+    )
+
+
+def test_pyramid_pixels_halve_and_stay_in_range(train: N3CCalifornia) -> None:
+    arrays, transform = _tile(train, 0)
+    out = prepare_points(arrays, transform, SIZE, CFG, np.random.default_rng(0))
+    pixels = out["pixels"]
+    assert [len(p) for p in pixels] == [2048, 512, 128, 32, 8]
+    for level, p in enumerate(pixels):
+        np.testing.assert_array_equal(p, pixels[0][: len(p)] // 2**level)
+        assert p.min() >= 0 and p.max() < SIZE // 2**level
+    assert out["features"].shape == (2048, 2) and out["labels"].dtype == np.int64
+
+
+def test_point_labels_agree_with_label_raster(train: N3CCalifornia) -> None:
+    index = _richest(train)
+    arrays, transform = _tile(train, index)
+    cfg = PointConfig(num_points=len(arrays["x"]) + 64, levels=1, k=4, grid_size=0.0)
+    out = prepare_points(arrays, transform, SIZE, cfg, np.random.default_rng(0))
+    pixels, z, labels = out["pixels"][0], out["xyz"][0][:, 2], out["labels"]
+    labelled = labels != UNLABELED
+    flat = pixels[labelled, 0] * SIZE + pixels[labelled, 1]
+    order = np.lexsort((z[labelled], flat))  # top point of each pixel last
+    last = np.r_[flat[order][1:] != flat[order][:-1], True]
+    top_pix, top_label = flat[order][last], labels[labelled][order][last]
+    with rasterio.open(train.folders[index] / "label.tif") as src:
+        raster = src.read(1).ravel().astype(np.int64)
+    shown = raster[top_pix] != UNLABELED  # 0 also where no imagery lies under the pixel
+    assert shown.sum() > 100 and len(np.unique(top_label[shown])) > 1
+    assert (raster[top_pix][shown] == top_label[shown]).mean() > 0.99
+
+
+def test_noise_points_are_dropped(train: N3CCalifornia) -> None:
+    arrays, transform = _tile(train, 0)
+    arrays["classification"] = arrays["classification"].copy()
+    arrays["classification"][:] = sorted(NOISE_CODES)[0]
+    with pytest.raises(ValueError, match="no non-noise points"):
+        prepare_points(arrays, transform, SIZE, CFG, np.random.default_rng(0))
+
+
+def test_normalisation_uses_stats_json(sample_build: Path) -> None:
+    ds = N3CCalifornia(sample_build, "val", bands="rgbn+dsm+intensity", point_config=CFG)
+    stats = json.loads((sample_build / "stats.json").read_text())["bands"]
+    image, _ = ds.read_image(0)
+    assert image.shape == (6, SIZE, SIZE) and image.dtype == np.float32
+    with rasterio.open(ds.folders[0] / "image.tif") as src:
+        red = src.read(1).astype(np.float64)
+    with rasterio.open(ds.folders[0] / "dsm.tif") as src:
+        dsm, dsm_nodata = src.read(1).astype(np.float64), src.nodata
+    expected = (red - stats["red"]["mean"]) / stats["red"]["std"]
+    np.testing.assert_allclose(image[0], np.where(red != 0, expected, 0.0), atol=1e-4)
+    expected = (dsm - stats["dsm"]["mean"]) / stats["dsm"]["std"]
+    np.testing.assert_allclose(image[4], np.where(dsm != dsm_nodata, expected, 0.0), atol=1e-4)
+    assert (
+        N3CCalifornia(sample_build, "val", bands="rgb", point_config=CFG)[0]["image"].shape[0] == 3
+    )
+
+
+def test_sample_fixed_pads_with_duplicates_and_is_seeded() -> None:
+    idx = sample_fixed(10, 25, np.random.default_rng(3))
+    assert len(idx) == 25 and set(idx) == set(range(10))
+    np.testing.assert_array_equal(idx, sample_fixed(10, 25, np.random.default_rng(3)))
+    assert len(set(sample_fixed(100, 25, np.random.default_rng(0)))) == 25  # no replacement
+
+
+def test_augmentation_keeps_pixels_and_is_seeded(train: N3CCalifornia) -> None:
+    arrays, transform = _tile(train, 0)
+    aug_cfg = replace(CFG, augment=True)
+
+    def run(cfg: PointConfig, seed: int, flip: bool = False) -> dict:
+        return prepare_points(arrays, transform, SIZE, cfg, np.random.default_rng(seed), flip)
+
+    plain, aug = run(CFG, 1), run(aug_cfg, 1)
+    for a, b in zip(plain["pixels"], aug["pixels"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(plain["labels"], aug["labels"])
+    assert not np.allclose(plain["xyz"][0], aug["xyz"][0])
+    for a, b in zip(aug["xyz"], run(aug_cfg, 1)["xyz"], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    flipped = run(CFG, 1, flip=True)
+    for level, (a, b) in enumerate(zip(plain["pixels"], flipped["pixels"], strict=True)):
+        np.testing.assert_array_equal(b[:, 0], a[:, 0])
+        np.testing.assert_array_equal(b[:, 1], SIZE // 2**level - 1 - a[:, 1])
+    np.testing.assert_array_equal(flipped["xyz"][0][:, 0], -plain["xyz"][0][:, 0])
+
+    xyz = plain["xyz"][0].astype(np.float64)
+    moved, record = augment(xyz, np.random.default_rng(2), jitter=0.0)
+    assert 0.9 <= record.scale <= 1.1
+    np.testing.assert_allclose(moved.mean(0), 0.0, atol=1e-5)
+    dist = np.linalg.norm(xyz[1:50] - xyz[0], axis=1)
+    moved_dist = np.linalg.norm(moved[1:50] - moved[0], axis=1)
+    np.testing.assert_allclose(moved_dist, record.scale * dist, rtol=1e-4)
+
+
+def test_dataset_flip_moves_image_mask_and_points_together(train: N3CCalifornia) -> None:
+    index = _richest(train)  # trees and buildings: a wrong flip would break point-mask agreement
+    aug = N3CCalifornia(train.root, "train", point_config=replace(CFG, augment=True))
+    plain = train[index]
+    flips = []
+    for seed in range(6):
+        aug.seed = seed
+        sample = aug[index]
+        flipped = not torch.equal(sample["image"], plain["image"])
+        expected = plain["image"].flip(-1) if flipped else plain["image"]
+        assert torch.equal(sample["image"], expected)
+        assert torch.equal(sample["mask"], plain["mask"].flip(-1) if flipped else plain["mask"])
+        # points under a canopy disagree with the (top-surface) mask, so compare with a mask
+        # flipped the wrong way: ~0.72 vs ~0.56 agreement on this tile
+        rows, cols = sample["points"]["pixels"][0].unbind(-1)
+        labels = sample["point_labels"]
+        agreement = []
+        for mask in (sample["mask"], sample["mask"].flip(-1)):
+            known = (mask[rows, cols] != UNLABELED) & (labels != UNLABELED)
+            agreement.append((mask[rows, cols][known] == labels[known]).float().mean())
+        assert agreement[0] > agreement[1] + 0.1
+        assert torch.equal(aug[index]["points"]["xyz"][0], sample["points"]["xyz"][0])  # seeded
+        flips.append(flipped)
+    assert any(flips) and not all(flips)
+
+
+def test_dataloader_batch_runs_ikdnet(train: N3CCalifornia) -> None:
+    batch = next(iter(DataLoader(train, batch_size=2, collate_fn=collate)))
+    assert batch["image"].shape == (2, 4, SIZE, SIZE) and batch["mask"].shape == (2, SIZE, SIZE)
+    assert batch["point_labels"].shape == (2, 2048) and len(batch["tile_id"]) == 2
+    points = batch["points"]
+    assert [t.shape[1] for t in points["xyz"]] == [2048, 512, 128, 32, 8]
+    assert points["features"].shape == (2, 2048, 2)
+    model = create_model(
+        "ikdnet", in_channels=4, widths=(8, 16, 16, 32), point_widths=(4, 8, 8, 16)
+    ).eval()
+    with torch.no_grad():
+        out = model(batch)
+    assert out["logits"].shape == (2, 5, SIZE, SIZE)
+    assert out["point_logits"].shape == (2, 2048, 5)
+    assert torch.isfinite(out["logits"]).all()
+
+
+def test_torchgeo_raster_datasets_with_random_geo_sampler(sample_build: Path) -> None:
+    ds = N3CImage(tile_files(sample_build, "train", "image")) & N3CLabel(
+        tile_files(sample_build, "train", "label")
+    )
+    sampler = RandomGeoSampler(ds, size=32, length=4)
+    batch = next(iter(DataLoader(ds, sampler=sampler, batch_size=2, collate_fn=stack_samples)))
+    assert batch["image"].shape == (2, 4, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["mask"].shape == (2, 32, 32) and batch["mask"].max() <= 4
+    assert batch["image"].max() > 0
+    assert len(N3CImage(sample_build / "tiles")) > len(
+        N3CImage(tile_files(sample_build, "val", "image"))
+    )
+
+
+def test_datamodule_setup_fit(sample_build: Path) -> None:
+    dm = N3CDataModule(sample_build, batch_size=2, point_config=PointConfig(num_points=2048))
+    dm.setup("fit")
+    assert set(dm.datasets) == {"train", "val"}
+    assert dm.datasets["train"].point_config.augment is False
+    assert dm.datasets["val"].seed == 0
+    assert len(dm.train_dataloader()) == -(-len(split_tiles(sample_build, "train")) // 2)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape == (2, 4, SIZE, SIZE)
+    default = N3CDataModule(sample_build, point_config=PointConfig(num_points=2048, augment=True))
+    default.setup("fit")
+    assert default.datasets["train"].point_config.augment
+    assert not default.datasets["val"].point_config.augment
+
+
+def test_bad_inputs(sample_build: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="build folder not found"):
+        N3CCalifornia(tmp_path / "nope")
+    with pytest.raises(ValueError, match="unknown split 'validation'"):
+        N3CCalifornia(sample_build, "validation")
+    with pytest.raises(ValueError, match="unknown band"):
+        N3CCalifornia(sample_build, bands=("red", "swir"), point_config=CFG)
+    with pytest.raises(ValueError, match="no bands"):
+        N3CCalifornia(sample_build, bands=(), point_config=CFG)
+    with pytest.raises(ValueError, match="unknown band preset"):
+        N3CCalifornia(sample_build, bands="rgbx", point_config=CFG)
+    with pytest.raises(ValueError, match="too few"):
+        PointConfig(num_points=500)
+    with pytest.raises(FileNotFoundError, match=r"index\.parquet not found"):
+        N3CCalifornia(tmp_path)
+    index = pd.read_parquet(sample_build / "index.parquet")
+    index[index["split"] == "train"].to_parquet(tmp_path / "index.parquet")
+    with pytest.raises(ValueError, match=r"split 'test' of .* has no tiles"):
+        N3CCalifornia(tmp_path, "test")
+    with pytest.raises(FileNotFoundError, match=r"stats\.json not found"):
+        N3CCalifornia(tmp_path, "train")
+    shutil.copy(sample_build / "stats.json", tmp_path)
+    with pytest.raises(ValueError, match="divisible by 2\\^levels = 128"):
+        N3CCalifornia(tmp_path, "train", point_config=PointConfig(num_points=2**20, levels=7))
