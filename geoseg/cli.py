@@ -131,5 +131,91 @@ def build_dataset_cmd(
         sys.exit(1)
 
 
+@main.command("train")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Training config YAML, e.g. configs/ikdnet.yaml.",
+)
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Build folder.")
+@click.option("--devices", help='Devices per node, e.g. 4 or "auto" [config].')
+@click.option("--num-nodes", type=int, help="Number of nodes (DDP) [config].")
+@click.option("--max-steps", type=int, help="Stop after K optimiser steps in total [config].")
+@click.option("--no-progress", is_flag=True, help="No progress bar or model summary.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder.")
+def train_cmd(
+    config_path: Path,
+    data: Path,
+    devices: str | None,
+    num_nodes: int | None,
+    max_steps: int | None,
+    no_progress: bool,
+    out: Path,
+) -> None:
+    """Train a model on a build; rerunning the same command resumes from RUN/checkpoints/last.ckpt.
+
+    Writes the resolved config to RUN/config.yaml, checkpoints (last.ckpt and the best val_loss)
+    carrying the model contract to RUN/checkpoints and CSV logs to RUN/logs.
+    """
+    from geoseg.train.config import ConfigError, DataError, load_config
+    from geoseg.train.fit import train
+
+    if (num_nodes is not None and num_nodes < 1) or (max_steps is not None and max_steps < 1):
+        _fail("--num-nodes and --max-steps must be >= 1", EXIT_BAD_INPUT)
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    if devices is not None:
+        cfg.trainer.devices = int(devices) if devices.isdigit() else devices
+    if num_nodes is not None:
+        cfg.trainer.num_nodes = num_nodes
+    if max_steps is not None:
+        cfg.trainer.max_steps = max_steps
+    try:
+        last = train(cfg, data, out, progress=not no_progress)
+    except (ConfigError, DataError) as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    click.echo(f"trained {cfg.model.name}; latest checkpoint {last}")
+
+
+@main.command("evaluate")
+@click.option(
+    "--checkpoint", required=True, type=click.Path(path_type=Path), help="A geoseg checkpoint."
+)
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Build folder.")
+@click.option(
+    "--split",
+    type=click.Choice(["train", "val", "test"]),
+    default="test",
+    show_default=True,
+    help="Split of the build to evaluate on.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
+def evaluate_cmd(checkpoint: Path, data: Path, split: str, batch_size: int, out: Path) -> None:
+    """Per-class IoU/F1/Acc, mIoU, OA, kappa and confusion matrices of a checkpoint on a split.
+
+    Writes metrics.json and confusion.json/.png (pixels; points_confusion.* for point models)
+    to --out. Unlabeled pixels and points are excluded.
+    """
+    from geoseg.train.config import DataError
+    from geoseg.train.evaluate import evaluate
+    from geoseg.train.task import CheckpointError
+
+    try:
+        result = evaluate(checkpoint, data, split, out, batch_size)
+    except (CheckpointError, DataError) as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    scores = result["pixels"]
+    shown = "  ".join(
+        f"{key} {'n/a' if scores[key] is None else format(scores[key], '.3f')}"
+        for key in ("miou", "oa", "kappa")
+    )
+    click.echo(f"{split}: {shown} over {result['tiles']} tiles; see {out / 'metrics.json'}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,88 @@
+"""`geoseg evaluate`: a checkpoint's metrics on one split of a build, as the paper reports them.
+
+The images are normalised with the *checkpoint's* mean/std, not the build's: a model is only
+valid under the statistics it was trained with, which may come from another build.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch.utils.data import DataLoader
+
+from geoseg.datasets.n3c import N3CCalifornia, collate
+from geoseg.datasets.points import PointConfig
+from geoseg.train.config import DataError
+from geoseg.train.metrics import ConfusionMatrix, predict_labels, save_confusion
+from geoseg.train.task import load_model
+
+
+def _dataset(data: Path, split: str, contract: dict[str, Any]) -> N3CCalifornia:
+    """The split read as the contract prescribes; a different pixel size is refused."""
+    try:
+        dataset = N3CCalifornia(
+            data, split, contract["bands"], PointConfig(**contract["points"]), contract["seed"]
+        )
+        gsd = pd.read_parquet(data / "index.parquet", columns=["split", "gsd"])
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(str(exc)) from None
+    gsds = sorted(set(gsd.loc[gsd["split"] == split, "gsd"]))
+    if gsds != [contract["gsd"]]:
+        raise DataError(f"{data} split {split!r} has gsd {gsds} m; model expects {contract['gsd']}")
+    dataset.mean = np.asarray(contract["mean"], np.float32)
+    dataset.std = np.asarray(contract["std"], np.float32)
+    return dataset
+
+
+def evaluate(
+    checkpoint: str | Path, data: str | Path, split: str, out: str | Path, batch_size: int = 2
+) -> dict[str, Any]:
+    """Write OUT/metrics.json and confusion matrices (JSON + PNG) for pixels (and points).
+
+    Pixel metrics are the headline (the paper's); point models also get point metrics.
+    Unlabeled targets are excluded by `ConfusionMatrix`. Returns the metrics.json payload.
+    """
+    data, out = Path(data), Path(out)
+    model, contract = load_model(checkpoint)
+    dataset = _dataset(data, split, contract)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    pixels, points = ConfusionMatrix(), ConfusionMatrix()
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"),
+    ):
+        for batch in loader:
+            batch = move_data_to_device(batch, device)
+            output = model({"image": batch["image"], "points": batch["points"]})
+            pixels.update(predict_labels(output["logits"]), batch["mask"])
+            if output["point_logits"] is not None:
+                points.update(predict_labels(output["point_logits"], dim=2), batch["point_labels"])
+    out.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "data": str(data),
+        "split": split,
+        "tiles": len(dataset),
+        "model": contract["model"],
+        "pixels": save_confusion(pixels, out / "confusion.json", out / "confusion.png"),
+        "points": None,
+    }
+    if points.matrix.sum() > 0:
+        payload["points"] = save_confusion(
+            points, out / "points_confusion.json", out / "points_confusion.png"
+        )
+    for kind in ("pixels", "points"):
+        if payload[kind] is not None:  # NaN (e.g. a class absent from the split) -> null
+            payload[kind] = {k: None if np.isnan(v) else v for k, v in payload[kind].items()}
+    (out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
+    return payload

@@ -1,0 +1,128 @@
+"""`geoseg train` / `geoseg evaluate` end to end on the sample build with the tiny config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner, Result
+
+from geoseg.cli import main
+from geoseg.train.config import ConfigError, load_config
+from geoseg.train.task import CONTRACT_FORMAT, CheckpointError, load_model
+
+TINY = Path(__file__).parents[1] / "configs" / "ikdnet-tiny.yaml"
+
+
+def cli(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(res: Result) -> str:
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("geoseg: error: "), res.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run(sample_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny IKD-Net run of 2 steps (validated at step 2)."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    res = cli("train", "--config", TINY, "--data", sample_build, "--out", out,
+              "--max-steps", "2", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_train_saves_resolved_config_and_last_checkpoint(run: Path):
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == 2  # the CLI override, resolved
+    assert saved["model"]["kwargs"]["in_channels"] == 4  # derived from the rgbn bands
+    assert load_config(run / "config.yaml").model.name == "ikdnet"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert list((run / "checkpoints").glob("best-*.ckpt"))
+
+
+def test_rerun_resumes_from_last_checkpoint(run: Path, sample_build: Path, tmp_path: Path):
+    resumed = tmp_path / "run"
+    resumed.mkdir()
+    for name in ("config.yaml", "checkpoints/last.ckpt"):
+        (resumed / name).parent.mkdir(exist_ok=True)
+        (resumed / name).write_bytes((run / name).read_bytes())
+    res = cli("train", "--config", TINY, "--data", sample_build, "--out", resumed,
+              "--max-steps", "4", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["epoch"] == 0
+
+
+def test_checkpoint_round_trip_carries_the_contract(run: Path, sample_build: Path):
+    model, contract = load_model(run / "checkpoints" / "last.ckpt")
+    stats = json.loads((sample_build / "stats.json").read_text())["bands"]
+    assert contract["format"] == CONTRACT_FORMAT
+    assert contract["bands"] == ["red", "green", "blue", "nir"]
+    assert contract["mean"] == pytest.approx([stats[b]["mean"] for b in contract["bands"]])
+    assert contract["std"] == pytest.approx([stats[b]["std"] for b in contract["bands"]])
+    assert (contract["gsd"], contract["tile_size"]) == (0.5, 64)
+    assert contract["class_names"][0] == "unlabeled" and len(contract["class_colors"]) == 5
+    assert contract["points"]["num_points"] == 2048
+    assert contract["model"] == "ikdnet" and not model.training
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+
+
+def test_evaluate_writes_metrics_and_confusion(run: Path, sample_build: Path, tmp_path: Path):
+    out = tmp_path / "eval"
+    res = cli("evaluate", "--checkpoint", run / "checkpoints" / "last.ckpt",
+              "--data", sample_build, "--split", "test", "--out", out)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "miou" in res.stdout
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["split"] == "test" and result["tiles"] > 0
+    for kind in ("pixels", "points"):
+        for key in ("miou", "oa", "kappa", "macc", "mf1", "iou/ground", "f1/tree"):
+            assert key in result[kind], (kind, key)
+        assert 0.0 <= result[kind]["oa"] <= 1.0
+    confusion = json.loads((out / "confusion.json").read_text())
+    assert len(confusion["matrix"]) == 4  # target rows 1..4: unlabeled excluded
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "points_confusion.png").is_file()
+
+
+def test_train_rejects_missing_data_and_bad_config(tmp_path: Path):
+    res = cli("train", "--config", TINY, "--data", tmp_path / "nope", "--out", tmp_path / "r")
+    assert res.exit_code == 2
+    assert "build folder not found" in one_line_error(res)
+    assert not (tmp_path / "r").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: {max_step: 3}\n")
+    res = cli("train", "--config", bad, "--data", tmp_path, "--out", tmp_path / "r")
+    assert res.exit_code == 2 and "max_step" in one_line_error(res)
+    with pytest.raises(ConfigError, match="num_points"):
+        bad.write_text("data: {points: {num_points: 10}}\n")
+        load_config(bad)
+
+
+def test_evaluate_rejects_foreign_and_missing_checkpoints(sample_build: Path, tmp_path: Path):
+    foreign = tmp_path / "random.pt"
+    torch.save({"weights": torch.randn(3)}, foreign)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    for path, reason in ((foreign, "no geoseg_contract"), (garbage, "not a geoseg checkpoint"),
+                         (tmp_path / "none.ckpt", "not found")):  # fmt: skip
+        res = cli("evaluate", "--checkpoint", path, "--data", sample_build, "--out", tmp_path)
+        assert res.exit_code == 2 and reason in one_line_error(res)
+
+
+def test_load_model_rejects_weights_of_another_model(run: Path, tmp_path: Path):
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["geoseg_contract"]["model_kwargs"]["widths"] = [16, 32, 64, 128]
+    torch.save(ckpt, tmp_path / "mismatch.ckpt")
+    with pytest.raises(CheckpointError, match="do not match model 'ikdnet'"):
+        load_model(tmp_path / "mismatch.ckpt")
