@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: venv
-	$(BIN)/geoseg build-dataset --catalog sample --out $(DEMO)
-	@echo "demo outputs: $(DEMO)/report.md, $(DEMO)/preview.png, $(DEMO)/collection.json"
+	$(BIN)/geoseg build-dataset --catalog sample --out $(DEMO)/data
+	$(BIN)/geoseg train --config configs/ikdnet-tiny.yaml --data $(DEMO)/data --out $(DEMO)/run \
+	  --max-steps 150
+	$(BIN)/geoseg evaluate --checkpoint $(DEMO)/run/checkpoints/last.ckpt --data $(DEMO)/data \
+	  --split test --out $(DEMO)/eval
+	@echo "demo outputs: $(DEMO)/data/report.md, $(DEMO)/data/preview.png, $(DEMO)/eval/metrics.json"
 
 test: venv
 	$(BIN)/ruff check .
