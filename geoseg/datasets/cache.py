@@ -1,0 +1,316 @@
+"""Training cache: one split of a built dataset as a few uncompressed, memory-mapped arrays.
+
+Why: tiles are DEFLATE COGs, so every read pays a file open and a decode, and training reads each
+tile once per epoch. Decoding once into flat `.npy` arrays turns a sample into a copy out of the
+page cache (benchmarks/loading.py: ~30x TorchGeo's on-the-fly reads on 2 cores). The COGs stay
+the source of truth: the cache keeps a fingerprint of the tile manifests (`tile.json`, which hold
+every file's sha256) and is rebuilt when they change.
+
+`<out>/<split>/` holds `tiles.json` (tile order, fingerprint; per layer: band names, nodata, which
+tiles have nodata) and one `<layer>.<u8|f32>.npy` of shape (N, bands, H, W) per layer, e.g.
+`image.u8.npy`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import rasterio
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate, get_worker_info
+
+LAYERS = ("image", "label", "dsm", "intensity", "num_returns")
+"""Raster layers of a tile folder (`tiles/<id>/<layer>.tif`), as build-dataset writes them."""
+
+CACHE_FORMAT = 1
+"""Bumped when the layout changes, so an old cache is rebuilt instead of misread."""
+
+MANIFEST = "tile.json"
+META = "tiles.json"
+
+
+def build_cache(
+    dataset_dir: str | Path,
+    split: str,
+    out: str | Path | None = None,
+    layers: Sequence[str] = LAYERS,
+    workers: int | None = None,
+) -> Path:
+    """Write (or reuse) the training cache of one split; return its folder `<out>/<split>`.
+
+    `out` defaults to `<dataset_dir>/cache`. A cache whose fingerprint matches the current
+    manifests and that holds all `layers` is reused as is; otherwise `workers` threads (GDAL
+    decodes without the GIL) fill a temporary folder that is then renamed into place, so readers
+    never see a half-written cache. Build a given split from one process at a time.
+    """
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    if not layers or set(layers) - set(LAYERS):
+        raise ValueError(f"layers must be a non-empty subset of {LAYERS}, got {tuple(layers)}")
+    tile_ids, folders = _split_tiles(root, split)
+    fingerprint = _fingerprint(tile_ids, folders)
+    dest = (Path(out) if out is not None else root / "cache") / split
+    if (dest / META).is_file():
+        meta = json.loads((dest / META).read_text())
+        if (
+            meta.get("format") == CACHE_FORMAT
+            and meta.get("fingerprint") == fingerprint
+            and set(layers) <= set(meta["layers"])
+        ):
+            return dest
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".tmp-{split}-*"):  # left by a killed build
+        shutil.rmtree(stale)
+    tmp = dest.parent / f".tmp-{split}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        meta = _write_arrays(tmp, tile_ids, folders, layers, workers or os.cpu_count() or 1)
+        meta |= {"format": CACHE_FORMAT, "split": split, "fingerprint": fingerprint}
+        meta["tile_ids"] = tile_ids
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+        if dest.exists():  # a folder can't be replaced by one rename: move the old one aside
+            old = dest.parent / f".tmp-{split}-old-{os.getpid()}"
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _split_tiles(root: Path, split: str) -> tuple[list[str], list[Path]]:
+    """Ids (sorted, so the cache order is stable) and folders of a split's tiles, per the index."""
+    index = root / "index.parquet"
+    if not index.is_file():
+        raise FileNotFoundError(f"no index.parquet in {root}: not a build-dataset output")
+    table = pd.read_parquet(index, columns=["tile_id", "split", "path"])
+    rows = table[table["split"] == split].sort_values("tile_id")
+    if rows.empty:
+        have = ", ".join(sorted(table["split"].unique())) or "none"
+        raise ValueError(f"split {split!r} has no tiles in {index} (splits: {have})")
+    inside = root.resolve()
+    folders = [root / p for p in rows["path"]]
+    for folder in folders:
+        if inside not in folder.resolve().parents:
+            raise ValueError(f"index path {folder} is outside {root}")
+    return list(rows["tile_id"]), folders
+
+
+def _fingerprint(tile_ids: list[str], folders: list[Path]) -> str:
+    """sha256 over the tile ids and their manifests' bytes (content, not mtimes: a copied or
+    resumed build with the same bytes keeps its cache)."""
+    h = hashlib.sha256(f"geoseg-cache-{CACHE_FORMAT}".encode())
+    for tile_id, folder in zip(tile_ids, folders, strict=True):
+        try:
+            manifest = (folder / MANIFEST).read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"tile {tile_id} has no {MANIFEST}: unfinished build? rerun build-dataset"
+            ) from None
+        h.update(tile_id.encode() + b"\0" + hashlib.sha256(manifest).digest())
+    return h.hexdigest()
+
+
+def _write_arrays(
+    folder: Path, tile_ids: list[str], tiles: list[Path], layers: Sequence[str], workers: int
+) -> dict[str, Any]:
+    """Decode every tile's layers into (N, bands, H, W) `.npy` memmaps; return their metadata."""
+    info: dict[str, dict[str, Any]] = {}
+    arrays: dict[str, np.memmap] = {}
+    for layer in layers:
+        with rasterio.open(tiles[0] / f"{layer}.tif") as src:
+            dtype = np.dtype(src.dtypes[0])
+            name = f"{layer}.{'f' if dtype.kind == 'f' else 'u'}{dtype.itemsize * 8}.npy"
+            info[layer] = {
+                "file": name,
+                "dtype": dtype.name,
+                # stats.json names: image bands by description, single-band layers by layer
+                "bands": list(src.descriptions) if src.count > 1 else [layer],
+                "nodata": src.nodata,
+            }
+            shape = (len(tiles), src.count, src.height, src.width)
+        arrays[layer] = np.lib.format.open_memmap(folder / name, "w+", dtype, shape)
+
+    def fill(i: int) -> set[str]:
+        """Decode tile i; return the layers in which it has nodata pixels."""
+        holes = set()
+        for layer, arr in arrays.items():
+            with rasterio.open(tiles[i] / f"{layer}.tif") as src:
+                found = (src.count, src.height, src.width, src.dtypes[0], src.nodata)
+                want = (*arr.shape[1:], arr.dtype.name, info[layer]["nodata"])
+                if found != want:
+                    raise ValueError(
+                        f"tile {tile_ids[i]} {layer} is (bands, H, W, dtype, nodata) {found}, not"
+                        f" {want}: one cache holds one tile size"
+                    )
+                src.read(out=arr[i])
+            if src.nodata is not None and (arr[i] == src.nodata).any():
+                holes.add(layer)
+        return holes
+
+    with ThreadPoolExecutor(workers) as pool:
+        holes = list(pool.map(fill, range(len(tiles))))
+    for layer, arr in arrays.items():
+        arr.flush()
+        # readers mask nodata only in these tiles: full tiles (most of them) skip that pass
+        info[layer]["nodata_tiles"] = [i for i, h in enumerate(holes) if layer in h]
+    _, _, height, width = next(iter(arrays.values())).shape
+    return {"layers": info, "height": height, "width": width}
+
+
+class TileCacheDataset(Dataset[dict[str, Tensor]]):
+    """Samples `{"image": float32 (C, h, w), "mask": int64 (h, w)}` from a training cache.
+
+    `image` stacks the bands of `channels` (default R, G, B, NIR, DSM), each normalised with the
+    mean/std in `stats` (the dataset's stats.json or its parsed content: nothing hard-coded).
+    Layers without statistics (num_returns) stay raw. Nodata pixels (image 0, e.g. the NIR of
+    3-band scenes; dsm/intensity −9999) become 0, the band mean, instead of outliers of up to
+    −3000σ. `mask` names the label layer (0 = unlabeled), or None for no mask. `crop` cuts a
+    random `crop`² window from each tile, drawn with torch's RNG so worker seeding applies.
+
+    With `batch_size`, a DataLoader calls `__getitems__`, which writes a whole batch into one
+    tensor per key, in shared memory inside a worker so sending it copies nothing; pass
+    `collate_fn=TileCacheDataset.collate` to use it as is (the default collate copies it once).
+    Arrays are memory-mapped lazily per process (keyed on the pid), so forked workers never use
+    a mapping or handle of their parent.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        stats: str | Path | Mapping[str, Any],
+        channels: Sequence[str] = ("image", "dsm"),
+        mask: str | None = "label",
+        crop: int | None = None,
+    ) -> None:
+        self.cache_dir = Path(cache_dir)
+        if not (self.cache_dir / META).is_file():
+            raise FileNotFoundError(f"no training cache in {self.cache_dir}: run build_cache")
+        meta = json.loads((self.cache_dir / META).read_text())
+        layers = [*channels, *([mask] if mask else [])]
+        missing = [layer for layer in layers if layer not in meta["layers"]]
+        if missing or not channels:
+            raise ValueError(f"layers {missing} not in the cache (has {sorted(meta['layers'])})")
+        self.height, self.width = meta["height"], meta["width"]
+        if crop is not None and not 0 < crop <= min(self.height, self.width):
+            raise ValueError(f"crop must be in 1..{min(self.height, self.width)}, got {crop}")
+        if not isinstance(stats, Mapping):
+            stats = json.loads(Path(stats).read_text())
+
+        self.tile_ids: list[str] = meta["tile_ids"]
+        self.channels = tuple(channels)
+        self.mask = mask
+        self.crop = crop
+        self._layer_bands = [(c, b) for c in channels for b in meta["layers"][c]["bands"]]
+        self.bands = tuple(band for _, band in self._layer_bands)
+        self._files = {layer: self.cache_dir / meta["layers"][layer]["file"] for layer in layers}
+        self._nodata = {  # layer: (nodata, tiles that have some)
+            c: (meta["layers"][c]["nodata"], frozenset(meta["layers"][c]["nodata_tiles"]))
+            for c in channels
+            if meta["layers"][c]["nodata_tiles"]
+        }
+        mean_std = [_mean_std(stats["bands"], layer, band) for layer, band in self._layer_bands]
+        self._scale = np.array([1 / std for _, std in mean_std], np.float32)[:, None, None]
+        self._shift = np.array([-m / std for m, std in mean_std], np.float32)[:, None, None]
+        self._pid: int | None = None
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.tile_ids)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # spawn/forkserver workers get paths only and map the arrays themselves
+        return self.__dict__ | {"_pid": None, "_arrays": {}}
+
+    def _open(self) -> dict[str, np.ndarray]:
+        if self._pid != os.getpid():
+            self._arrays = {k: np.load(p, mmap_mode="r") for k, p in self._files.items()}
+            self._pid = os.getpid()
+        return self._arrays
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {k: v[0] for k, v in self._load([index]).items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Tensor]]:
+        batch = self._load(indices)
+        samples = _Samples({k: v[i] for k, v in batch.items()} for i in range(len(indices)))
+        samples.batch = batch
+        return samples
+
+    @staticmethod
+    def collate(samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """`collate_fn`: the batch `__getitems__` already built, else `default_collate`."""
+        batch = getattr(samples, "batch", None)
+        return batch if batch is not None else default_collate(samples)
+
+    def _load(self, indices: Sequence[int]) -> dict[str, Tensor]:
+        """Normalise straight from the page cache into the batch tensors: no per-sample tensor
+        and no stack to copy them."""
+        arrays = self._open()
+        h, w = (self.crop, self.crop) if self.crop else (self.height, self.width)
+        image = _empty((len(indices), len(self.bands), h, w), np.dtype(np.float32))
+        out = image.numpy()
+        batch = {"image": image}
+        if self.mask:
+            batch["mask"] = _empty((len(indices), h, w), np.dtype(np.int64))
+        for k, index in enumerate(indices):
+            y = x = 0
+            if self.crop:
+                y = int(torch.randint(self.height - h + 1, ()))
+                x = int(torch.randint(self.width - w + 1, ()))
+            c = 0
+            for layer in self.channels:
+                src = arrays[layer][index, :, y : y + h, x : x + w]
+                dst = out[k, c : c + src.shape[0]]
+                np.multiply(src, self._scale[c : c + src.shape[0]], out=dst)
+                dst += self._shift[c : c + src.shape[0]]
+                nodata, holes = self._nodata.get(layer, (None, ()))
+                if index in holes:
+                    np.copyto(dst, 0.0, where=src == nodata)
+                c += src.shape[0]
+            if self.mask:
+                batch["mask"].numpy()[k] = arrays[self.mask][index, 0, y : y + h, x : x + w]
+        return batch
+
+
+def _mean_std(bands: Mapping[str, Any], layer: str, band: str) -> tuple[float, float]:
+    """A band's mean/std from stats.json; (0, 1), i.e. raw, for a layer it has no stats for."""
+    if not any(s.get("layer") == layer for s in bands.values()):
+        return 0.0, 1.0
+    if band not in bands:
+        raise ValueError(f"stats.json has no statistics for band {band!r} of layer {layer!r}")
+    return bands[band]["mean"], bands[band]["std"] or 1.0
+
+
+class _Samples(list):
+    """The samples of one `__getitems__` call, with the batch tensors they are views of."""
+
+    batch: dict[str, Tensor]
+
+
+def _empty(shape: tuple[int, ...], dtype: np.dtype) -> Tensor:
+    """Batch memory: shared memory in a DataLoader worker, else numpy's.
+
+    Numpy backs large buffers with transparent huge pages: first-touching a fresh 42 MB batch
+    took ~4 ms instead of ~13 ms with torch.empty on the 2-core dev VM.
+    """
+    if get_worker_info() is None:
+        return torch.from_numpy(np.empty(shape, dtype))
+    # what default_collate does in workers: the tensor is then sent by handle, not copied
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.from_numpy(np.empty(0, dtype)).set_(storage, 0, shape)
