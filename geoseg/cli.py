@@ -217,5 +217,46 @@ def evaluate_cmd(checkpoint: Path, data: Path, split: str, batch_size: int, out:
     click.echo(f"{split}: {shown} over {result['tiles']} tiles; see {out / 'metrics.json'}")
 
 
+@main.command("predict")
+@click.option(
+    "--checkpoint", required=True, type=click.Path(path_type=Path), help="A geoseg checkpoint."
+)
+@click.option(
+    "--image", required=True, type=click.Path(path_type=Path), help="Georeferenced scene."
+)
+@click.option(
+    "--overlap",
+    type=click.FloatRange(0.0, 1.0, max_open=True),
+    default=0.25,
+    show_default=True,
+    help="Fraction of a window shared with its neighbour.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--vector", type=click.Path(path_type=Path), help="Also write class polygons (GPKG).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Class-map COG.")
+def predict_cmd(
+    checkpoint: Path, image: Path, overlap: float, batch_size: int, vector: Path | None, out: Path
+) -> None:
+    """Class map of a whole scene with an image-only checkpoint (sliding windows, blended).
+
+    Writes a uint8 COG with the class palette (0 where the scene is nodata), a STAC Item
+    (<out>.json) beside it and, with --vector, one polygon per class region as a GeoPackage.
+    The scene's bands must be the checkpoint's bands in order, at its pixel size (within 10 %).
+    """
+    from geoseg.predict import PredictError, predict
+    from geoseg.train.task import CheckpointError
+
+    try:
+        item = predict(
+            checkpoint, image, out, overlap=overlap, batch_size=batch_size, vector=vector
+        )
+    except (CheckpointError, PredictError) as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    shape = item["properties"]["proj:shape"]
+    click.echo(
+        f"predicted {shape[0]} x {shape[1]} px on {item['properties']['geoseg:device']}: {out}"
+    )
+
+
 if __name__ == "__main__":
     main()

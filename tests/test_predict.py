@@ -1,0 +1,173 @@
+"""`geoseg predict` on a scene of 3 × 3 sample tiles with a 2-step tiny U-Net checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import torch
+import yaml
+from click.testing import CliRunner, Result
+
+from geoseg.classes import CLASS_COLORS
+from geoseg.cli import main
+from geoseg.models import create_model
+from geoseg.predict import blend_weights, window_offsets
+from geoseg.train.metrics import predict_labels
+from geoseg.train.task import CONTRACT_KEY, load_model
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+OVERLAP = 0.25
+
+
+def cli(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(res: Result) -> str:
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("geoseg: error: "), res.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(sample_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny image-only U-Net trained 2 steps through the CLI (carries the real contract)."""
+    root = tmp_path_factory.mktemp("predict")
+    cfg = yaml.safe_load((CONFIGS / "ikdnet-tiny.yaml").read_text())
+    cfg["model"] = {"name": "unet", "kwargs": {"widths": [8, 16, 32, 64]}}
+    config = root / "unet.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    res = cli("train", "--config", config, "--data", sample_build, "--out", root / "run",
+              "--max-steps", "2", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return root / "run" / "checkpoints" / "last.ckpt"
+
+
+def write_scene(path: Path, data: np.ndarray, profile: dict) -> Path:
+    profile = {**profile, "count": len(data), "height": data.shape[1], "width": data.shape[2]}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scene(sample_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Nine sample tile images side by side, cropped to 160 × 170 px (3 × 4 windows at 25 %
+    overlap, the last column pinned to the edge) with a nodata corner."""
+    tiles = sorted(sample_build.glob("tiles/*/image.tif"))[:9]
+    mosaic = np.zeros((4, 192, 192), np.uint8)
+    for i, tile in enumerate(tiles):
+        with rasterio.open(tile) as src:
+            mosaic[:, i // 3 * 64 : i // 3 * 64 + 64, i % 3 * 64 : i % 3 * 64 + 64] = src.read()
+            profile = src.profile
+    data = mosaic[:, :160, :170].copy()
+    data[:, :20, :30] = 0
+    return write_scene(tmp_path_factory.mktemp("scene") / "scene.tif", data, profile)
+
+
+@pytest.fixture(scope="module")
+def predicted(checkpoint: Path, scene: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pred") / "pred.tif"
+    vector = out.with_suffix(".gpkg")
+    res = cli("predict", "--checkpoint", checkpoint, "--image", scene, "--out", out,
+              "--overlap", OVERLAP, "--batch-size", 3, "--vector", vector)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_windows_cover_the_scene_and_weights_never_vanish():
+    assert window_offsets(160, 64, 48) == [0, 48, 96]
+    assert window_offsets(170, 64, 48) == [0, 48, 96, 106]
+    assert window_offsets(40, 64, 48) == [0]
+    weights = blend_weights(64, 16)
+    assert weights.min() > 0 and weights[16:48, 16:48].min() == 1.0
+    assert np.all(weights == weights.T)
+
+
+def test_prediction_matches_tilewise_prediction(checkpoint: Path, scene: Path, predicted: Path):
+    model, contract = load_model(checkpoint)
+    size = contract["tile_size"]
+    mean = np.asarray(contract["mean"], np.float32)[:, None, None]
+    std = np.asarray(contract["std"], np.float32)[:, None, None]
+    with rasterio.open(scene) as src:
+        image = src.read().astype(np.float32)
+    with rasterio.open(predicted) as src:
+        pred = src.read(1)
+    nodata = (image == 0).all(axis=0)
+    normalised = np.where(image == 0, 0.0, (image - mean) / std).astype(np.float32)
+    rows = window_offsets(image.shape[1], size, round(size * (1 - OVERLAP)))
+    cols = window_offsets(image.shape[2], size, round(size * (1 - OVERLAP)))
+    coverage = np.zeros(pred.shape, int)
+    for top in rows:
+        for left in cols:
+            coverage[top : top + size, left : left + size] += 1
+    candidates = np.zeros((5, *pred.shape), bool)  # classes some covering window predicts
+    checked = 0  # the window at column 96 has no pixel of its own: 48 and 106 overlap it all
+    for top in rows:
+        for left in cols:
+            window = torch.from_numpy(normalised[None, :, top : top + size, left : left + size])
+            with torch.inference_mode():
+                labels = predict_labels(model({"image": window, "points": None})["logits"])[0]
+            labels = labels.numpy()
+            region = np.s_[top : top + size, left : left + size]
+            alone = (coverage[region] == 1) & ~nodata[region]
+            checked += alone.sum()
+            np.testing.assert_array_equal(pred[region][alone], labels[alone])
+            r, c = np.indices(labels.shape)
+            candidates[labels, r + top, c + left] = True
+    assert checked == ((coverage == 1) & ~nodata).sum() > 0.2 * pred.size
+    # Where windows overlap, the blend may pick a class either window picks, nothing else.
+    shared = (coverage > 1) & ~nodata
+    agrees = np.take_along_axis(candidates, pred[None].astype(int), 0)[0]
+    assert agrees[shared].mean() > 0.99
+    assert np.all(pred[nodata] == 0) and np.all(pred[~nodata] > 0)
+
+
+def test_output_is_a_cog_on_the_input_grid(scene: Path, predicted: Path):
+    with rasterio.open(scene) as src, rasterio.open(predicted) as out:
+        assert (out.crs, out.transform, out.shape) == (src.crs, src.transform, src.shape)
+        assert out.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert out.dtypes == ("uint8",) and out.nodata == 0
+        assert all(out.colormap(1)[v] == c for v, c in CLASS_COLORS.items())
+    item = json.loads(predicted.with_suffix(".json").read_text())
+    assert item["properties"]["geoseg:model"] == "unet"
+    assert item["properties"]["geoseg:device"] == "cpu"
+    assert item["properties"]["proj:shape"] == [160, 170]
+    classes = item["assets"]["classification"]["classification:classes"]
+    assert [c["name"] for c in classes] == ["unlabeled", "others", "ground", "tree", "building"]
+    polygons = gpd.read_file(predicted.with_suffix(".gpkg"))
+    assert set(polygons["value"]) <= {1, 2, 3, 4} and len(polygons) > 0
+    assert polygons.crs == rasterio.open(predicted).crs
+
+
+def test_bad_inputs_fail_in_one_line(checkpoint: Path, scene: Path, tmp_path: Path):
+    with rasterio.open(scene) as src:
+        data, profile = src.read(), src.profile
+    three = write_scene(tmp_path / "three.tif", data[:3], profile)
+    no_crs = write_scene(tmp_path / "nocrs.tif", data, {**profile, "crs": None})
+    random = tmp_path / "random.pt"
+    torch.save({"weights": torch.zeros(3)}, random)
+    ckpt = torch.load(checkpoint, weights_only=True)  # the same contract, made an IKD-Net's
+    kwargs = {"in_channels": 4, "widths": [8, 16, 32, 64], "point_widths": [4, 8, 16, 32]}
+    ikdnet = create_model("ikdnet", **kwargs)
+    ckpt[CONTRACT_KEY].update(model="ikdnet", model_kwargs=kwargs)
+    ckpt["state_dict"] = {f"model.{k}": v for k, v in ikdnet.state_dict().items()}
+    points = tmp_path / "ikdnet.ckpt"
+    torch.save(ckpt, points)
+    out = tmp_path / "pred.tif"
+    cases = {
+        "3 bands; the model expects 4": (checkpoint, three),
+        "has no CRS": (checkpoint, no_crs),
+        "is not a geoseg checkpoint": (random, scene),
+        "this model needs --points (not supported yet)": (points, scene),
+    }
+    for message, (ckpt_path, image) in cases.items():
+        res = cli("predict", "--checkpoint", ckpt_path, "--image", image, "--out", out)
+        assert message in one_line_error(res)
+    assert not out.exists()
