@@ -109,12 +109,11 @@ def tile_item(manifest: dict[str, Any], split: str) -> pystac.Item:
             roles=["data"],
         ),
     )
-    for name, asset in item.assets.items():
+    for asset in item.assets.values():
         meta = manifest["files"][Path(asset.href).name]
         fe = FileExtension.ext(asset)
         fe.size = meta["size"]
         fe.checksum = "1220" + meta["sha256"]  # multihash: sha2-256, 32 bytes
-        del name
     return item
 
 

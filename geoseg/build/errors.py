@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from geoseg.errors import first_line
+
 
 class BuildError(RuntimeError):
     """The whole build cannot go on (bad arguments, empty search): one-line message, no output."""
@@ -29,7 +31,6 @@ def short_reason(exc: BaseException) -> str:
         chain.append(err)
         err = err.__cause__ or err.__context__
     for err in reversed(chain):
-        text = str(err).strip()
-        if text:
-            return text.splitlines()[0][:200]
+        if str(err).strip():
+            return first_line(err)[:200]
     return type(exc).__name__

@@ -17,7 +17,7 @@ from pyproj import CRS
 from rasterio.warp import transform_bounds
 
 from geoseg.build.errors import TileError, short_reason
-from geoseg.build.grid import TileSpec, horizontal_crs, transformer
+from geoseg.build.grid import TileSpec, horizontal_crs, same_horizontal_crs, transformer
 from geoseg.stac.items import PointCloudItem
 from geoseg.stac.signing import Signer, local_path, with_resign
 
@@ -96,12 +96,11 @@ def _resolve_crs(item: PointCloudItem, header: laspy.LasHeader) -> CRS:
     in_file = _file_crs(header)
     if declared is None and in_file is None:
         raise TileError(f"points {item.id}: no CRS in the STAC item nor in the file")
-    if declared is not None and in_file is not None:
+    if declared is not None and in_file is not None and not same_horizontal_crs(declared, in_file):
         hd, hf = horizontal_crs(declared), horizontal_crs(in_file)
-        if not (hd.to_epsg() == hf.to_epsg() if hd.to_epsg() and hf.to_epsg() else hd.equals(hf)):
-            raise TileError(
-                f"points {item.id}: CRS mismatch (item says {hd.name!r}, file says {hf.name!r})"
-            )
+        raise TileError(
+            f"points {item.id}: CRS mismatch (item says {hd.name!r}, file says {hf.name!r})"
+        )
     return declared if declared is not None else in_file  # type: ignore[return-value]
 
 

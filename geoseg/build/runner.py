@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 
 import shapely
@@ -188,7 +189,7 @@ def run_jobs(client, jobs: list[TileJob], progress: bool, window: int = 256) -> 
 
     results: list[TileResult] = []
     pending = iter(jobs)
-    first = [client.submit(build_tile, j, pure=False) for j in _take(pending, window)]
+    first = [client.submit(build_tile, j, pure=False) for j in islice(pending, window)]
     ac = as_completed(first)
     bar = tqdm(total=len(jobs), unit="tile", disable=not progress, file=sys.stderr, mininterval=1.0)
     for fut in ac:
@@ -196,20 +197,10 @@ def run_jobs(client, jobs: list[TileJob], progress: bool, window: int = 256) -> 
         fut.release()
         bar.update(1)
         bar.set_postfix_str(results[-1].status, refresh=False)
-        for j in _take(pending, 1):
+        for j in islice(pending, 1):
             ac.add(client.submit(build_tile, j, pure=False))
     bar.close()
     return results
-
-
-def _take(it: Iterator[TileJob], n: int) -> list[TileJob]:
-    out = []
-    for _ in range(n):
-        try:
-            out.append(next(it))
-        except StopIteration:
-            break
-    return out
 
 
 def build_dataset(
@@ -244,20 +235,10 @@ def build_dataset(
     results.sort(key=lambda r: r.tile_id)
     done = [r for r in results if r.status in ("built", "cached")]
     tiles = {p.tile.id: p.tile for p in runnable}
-    splits = assign_splits(
-        (
-            (
-                r.tile_id,
-                f"{tiles[r.tile_id].crs_wkt}|{tiles[r.tile_id].span}",
-                tiles[r.tile_id].col,
-                tiles[r.tile_id].row,
-            )
-            for r in done
-        ),
-        cfg.split_ratios,
-        cfg.split_block,
-        cfg.seed,
-    )
+    cells = [
+        (t.id, f"{t.crs_wkt}|{t.span}", t.col, t.row) for t in (tiles[r.tile_id] for r in done)
+    ]
+    splits = assign_splits(cells, cfg.split_ratios, cfg.split_block, cfg.seed)
     summary = BuildSummary(out, results, skipped_at_plan, time.perf_counter() - t0)
     write_catalog(out, done, splits, region)
     write_report(out, summary, splits, search, cfg)

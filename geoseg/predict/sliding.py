@@ -37,6 +37,7 @@ from shapely.geometry import box, mapping, shape
 from torch import nn
 
 from geoseg.build.writers import atomic_path
+from geoseg.errors import first_line
 from geoseg.train.metrics import predict_labels
 from geoseg.train.task import load_model
 
@@ -77,7 +78,7 @@ def _open_scene(image: Path, contract: dict[str, Any]) -> DatasetReader:
     try:
         src = rasterio.open(image)
     except RasterioIOError as exc:
-        raise PredictError(f"cannot read {image}: {str(exc).splitlines()[0]}") from None
+        raise PredictError(f"cannot read {image}: {first_line(exc)}") from None
     try:
         if src.crs is None:
             raise PredictError(f"{image} has no CRS; predictions must be georeferenced")

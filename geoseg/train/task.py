@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from geoseg.errors import first_line
 from geoseg.models import create_model
 from geoseg.train.losses import HolisticLoss
 from geoseg.train.metrics import ConfusionMatrix, metrics, predict_labels
@@ -154,8 +155,7 @@ def load_model(
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # zip, pickle and weights_only refusals all mean "not ours"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is not a geoseg checkpoint ({reason})") from None
+        raise CheckpointError(f"{path} is not a geoseg checkpoint ({first_line(exc)})") from None
     contract = ckpt.get(CONTRACT_KEY) if isinstance(ckpt, dict) else None
     if not isinstance(contract, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a geoseg checkpoint (no {CONTRACT_KEY})")
@@ -176,6 +176,7 @@ def load_model(
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"weights in {path} do not match model {name!r}: {first}") from None
+        raise CheckpointError(
+            f"weights in {path} do not match model {name!r}: {first_line(exc)}"
+        ) from None
     return model.eval(), contract
