@@ -16,7 +16,7 @@ from click.testing import CliRunner, Result
 from geoseg.classes import CLASS_COLORS
 from geoseg.cli import main
 from geoseg.models import create_model
-from geoseg.predict import blend_weights, window_offsets
+from geoseg.predict import blend_weights, predict, sliding, window_offsets
 from geoseg.train.metrics import predict_labels
 from geoseg.train.task import CONTRACT_KEY, load_model
 
@@ -129,6 +129,18 @@ def test_prediction_matches_tilewise_prediction(checkpoint: Path, scene: Path, p
     assert np.all(pred[nodata] == 0) and np.all(pred[~nodata] > 0)
 
 
+def test_column_passes_give_the_same_map(
+    checkpoint: Path, scene: Path, predicted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A scene wider than `COLUMN_BLOCK` is done in passes; the seams between them vanish."""
+    monkeypatch.setattr(sliding, "COLUMN_BLOCK", 50)  # 4 passes over 170 columns
+    out = tmp_path / "passes.tif"
+    item = predict(checkpoint, scene, out, overlap=OVERLAP, batch_size=2)
+    assert item["properties"]["geoseg:windows"] > 12  # windows on pass seams run twice
+    with rasterio.open(out) as a, rasterio.open(predicted) as b:
+        np.testing.assert_array_equal(a.read(1), b.read(1))
+
+
 def test_output_is_a_cog_on_the_input_grid(scene: Path, predicted: Path):
     with rasterio.open(scene) as src, rasterio.open(predicted) as out:
         assert (out.crs, out.transform, out.shape) == (src.crs, src.transform, src.shape)
@@ -165,7 +177,7 @@ def test_bad_inputs_fail_in_one_line(checkpoint: Path, scene: Path, tmp_path: Pa
         "3 bands; the model expects 4": (checkpoint, three),
         "has no CRS": (checkpoint, no_crs),
         "is not a geoseg checkpoint": (random, scene),
-        "this model needs --points (not supported yet)": (points, scene),
+        "reads LiDAR: give --points, --stac-url or --catalog": (points, scene),
     }
     for message, (ckpt_path, image) in cases.items():
         res = cli("predict", "--checkpoint", ckpt_path, "--image", image, "--out", out)

@@ -12,12 +12,27 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import Protocol
 
 import numpy as np
 import shapely
 from affine import Affine
 from pyproj import CRS, Transformer
 from shapely.geometry import box
+
+
+class Area(Protocol):
+    """What the point readers and the rasteriser need of a tile: a `TileSpec` in the build, a
+    window or row band of a scene in `geoseg predict`."""
+
+    @property
+    def crs(self) -> CRS: ...
+    @property
+    def bounds(self) -> tuple[float, float, float, float]: ...
+    @property
+    def gsd(self) -> float: ...
+    @property
+    def size(self) -> int: ...
 
 
 @dataclass(frozen=True)

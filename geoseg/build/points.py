@@ -17,7 +17,7 @@ from pyproj import CRS
 from rasterio.warp import transform_bounds
 
 from geoseg.build.errors import TileError, short_reason
-from geoseg.build.grid import TileSpec, horizontal_crs, same_horizontal_crs, transformer
+from geoseg.build.grid import Area, horizontal_crs, same_horizontal_crs, transformer
 from geoseg.stac.items import PointCloudItem
 from geoseg.stac.signing import Signer, local_path, with_resign
 
@@ -91,7 +91,12 @@ def _file_crs(header: laspy.LasHeader) -> CRS | None:
     return CRS.from_user_input(crs) if crs is not None else None
 
 
-def _resolve_crs(item: PointCloudItem, header: laspy.LasHeader) -> CRS:
+def resolve_crs(item: PointCloudItem, header: laspy.LasHeader) -> CRS:
+    """The points' CRS: the STAC item's, else the file's; a horizontal disagreement is an error.
+
+    3DEP items and files both declare one, and either may be missing; when they disagree the
+    data cannot be trusted to line up with the imagery, so the tile fails instead of guessing.
+    """
     declared = CRS.from_wkt(item.crs_wkt) if item.crs_wkt else None
     in_file = _file_crs(header)
     if declared is None and in_file is None:
@@ -104,7 +109,7 @@ def _resolve_crs(item: PointCloudItem, header: laspy.LasHeader) -> CRS:
     return declared if declared is not None else in_file  # type: ignore[return-value]
 
 
-def _query(path: str, item: PointCloudItem, tile: TileSpec) -> tuple[dict[str, np.ndarray], CRS]:
+def _query(path: str, item: PointCloudItem, tile: Area) -> tuple[dict[str, np.ndarray], CRS]:
     """Points of one file overlapping the tile, still in the file's CRS and units."""
     try:
         reader = laspy.CopcReader.open(path)
@@ -112,7 +117,7 @@ def _query(path: str, item: PointCloudItem, tile: TileSpec) -> tuple[dict[str, n
         return _scan_plain(path, item, tile, exc)
     with reader:
         _check_hierarchy(reader, path, item)
-        crs = _resolve_crs(item, reader.header)
+        crs = resolve_crs(item, reader.header)
         x0, y0, x1, y1 = _source_bounds(tile, crs)
         pts = reader.query(bounds=laspy.copc.Bounds(np.array([x0, y0]), np.array([x1, y1])))
     return {k: np.asarray(pts[k], dtype=_DTYPES[k]) for k in FIELDS}, crs
@@ -130,12 +135,12 @@ def _check_hierarchy(reader: laspy.CopcReader, path: str, item: PointCloudItem) 
 
 
 def _scan_plain(
-    path: str, item: PointCloudItem, tile: TileSpec, copc_error: Exception
+    path: str, item: PointCloudItem, tile: Area, copc_error: Exception
 ) -> tuple[dict[str, np.ndarray], CRS]:
     """Chunked scan of a non-COPC LAS/LAZ: still bounded memory, just slower."""
     try:
         with laspy.open(path) as reader:
-            crs = _resolve_crs(item, reader.header)
+            crs = resolve_crs(item, reader.header)
             x0, y0, x1, y1 = _source_bounds(tile, crs)
             parts: list[dict[str, np.ndarray]] = []
             for chunk in reader.chunk_iterator(1_000_000):
@@ -154,13 +159,13 @@ def _scan_plain(
     return {k: np.concatenate([p[k] for p in parts]) for k in FIELDS}, crs
 
 
-def _source_bounds(tile: TileSpec, crs: CRS) -> tuple[float, float, float, float]:
+def _source_bounds(tile: Area, crs: CRS) -> tuple[float, float, float, float]:
     x0, y0, x1, y1 = transform_bounds(tile.crs, horizontal_crs(crs), *tile.bounds, densify_pts=21)
     pad = 1.0  # one source unit: guards the reprojected edge against rounding
     return x0 - pad, y0 - pad, x1 + pad, y1 + pad
 
 
-def read_tile_points(tile: TileSpec, items: list[PointCloudItem], signer: Signer) -> TilePoints:
+def read_tile_points(tile: Area, items: list[PointCloudItem], signer: Signer) -> TilePoints:
     """All points of the chosen project inside the tile, in tile CRS with z in metres."""
     chosen = pick_project(items)
     parts: list[dict[str, np.ndarray]] = []

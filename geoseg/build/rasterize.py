@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geoseg.build.grid import TileSpec
+from geoseg.build.grid import Area
 from geoseg.classes import NOISE_CODES, UNLABELED, remap_asprs
 
 FLOAT_NODATA = -9999.0
@@ -26,7 +26,7 @@ class TileRasters:
     num_returns: np.ndarray  # uint8 max number of returns, 0 where no point
 
 
-def pixel_index(x: np.ndarray, y: np.ndarray, tile: TileSpec) -> np.ndarray:
+def pixel_index(x: np.ndarray, y: np.ndarray, tile: Area) -> np.ndarray:
     """Flat pixel index (row * size + col) of each point; -1 outside the tile."""
     xmin, _, _, ymax = tile.bounds
     col = np.floor((x - xmin) / tile.gsd).astype(np.int64)
@@ -43,7 +43,7 @@ def _top_per_pixel(pix: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return spix[last], order[last]
 
 
-def rasterize(arrays: dict[str, np.ndarray], tile: TileSpec) -> TileRasters:
+def rasterize(arrays: dict[str, np.ndarray], tile: Area) -> TileRasters:
     n = tile.size * tile.size
     pix = pixel_index(arrays["x"], arrays["y"], tile)
     cls = np.asarray(arrays["classification"], np.uint8)

@@ -1,17 +1,14 @@
-"""`geoseg predict`: a checkpoint applied to a whole georeferenced scene (image-only models).
+"""`geoseg predict`: a checkpoint applied to a whole georeferenced scene.
 
-`predict(checkpoint, image, out)` writes a uint8 class-map COG with the class palette, a STAC
-Item beside it and, optionally, class polygons as a GeoPackage; see `geoseg.predict.sliding`.
+`predict(checkpoint, image, out, points=...)` writes a uint8 class-map COG with the class
+palette, a STAC Item beside it and, optionally, class polygons as a GeoPackage; see
+`geoseg.predict.sliding` (windows, blending, streaming) and `geoseg.predict.points` (the scene's
+LiDAR, read band by band, for IKD-Net, RandLA-Net and early fusion).
 """
 
 from __future__ import annotations
 
-from geoseg.predict.sliding import (
-    IMAGE_ONLY_MODELS,
-    PredictError,
-    blend_weights,
-    predict,
-    window_offsets,
-)
+from geoseg.predict.errors import PredictError
+from geoseg.predict.sliding import IMAGE_ONLY_MODELS, blend_weights, predict, window_offsets
 
 __all__ = ["IMAGE_ONLY_MODELS", "PredictError", "blend_weights", "predict", "window_offsets"]

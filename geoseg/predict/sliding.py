@@ -1,4 +1,4 @@
-"""Sliding-window prediction of a whole scene with an image-only checkpoint.
+"""Sliding-window prediction of a whole scene, with or without the scene's LiDAR points.
 
 A scene of any size is cut into windows of the contract's tile size (the size the model was
 trained at) with `overlap`. Each window's logits are multiplied by a weight window that is 1
@@ -6,20 +6,30 @@ inside and ramps linearly down (never to 0) over the overlap at its edges, summe
 by the summed weights: neighbouring windows cross-fade, so their seams disappear, and a pixel
 that only one window covers gets exactly that window's logits.
 
-Memory is flat in scene height: only one row-band of accumulators (tile-size rows × scene
-width) lives at a time; rows no later window touches are written to a tiled GTiff on disk and
-the band slides down. The GTiff is then converted to a COG under a temporary name and renamed
-into place. Input rules: the scene's bands are the contract's bands in the contract's order
-(only the count can be checked), its pixel size must be within 10 % of the contract's GSD (the
-model has only seen that scale; outside it the error is refused, not warned about), and it must
-have a CRS, because the outputs are map products.
+Memory is flat in scene size: the scene is done in column passes of `COLUMN_BLOCK` px, each
+a sequence of row bands; only one band of accumulators (tile-size rows × pass width) and, for
+point models, that band's points (`geoseg.predict.points`) live at a time. Rows no later window
+touches are written to a tiled GTiff on disk and the band slides down. The GTiff is then
+converted to a COG under a temporary name and renamed into place. Image-only and point models
+share this one loop; a point model's window also gets its points through the training point
+pipeline, and a window with fewer than k non-noise points is skipped (pixels that only skipped
+windows cover are written as nodata 0, and the STAC Item counts the skipped windows).
+
+Input rules: the scene's bands are the contract's image bands in the contract's order (only the
+count can be checked; `dsm`/`intensity` bands are rasterised from the points as the build does),
+its pixel size must be within 10 % of the contract's GSD (the model has only seen that scale;
+outside it the error is refused, not warned about), and it must have a CRS, because the outputs
+are map products.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,17 +37,35 @@ from typing import Any
 import numpy as np
 import rasterio
 import torch
+from pyproj import CRS
 from rasterio.errors import RasterioIOError
 from rasterio.features import shapes
 from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.shutil import copy as rio_copy
 from rasterio.warp import transform_geom
 from rasterio.windows import Window
+from rasterio.windows import bounds as window_bounds
+from rasterio.windows import transform as window_transform
 from shapely.geometry import box, mapping, shape
 from torch import nn
 
 from geoseg.build.writers import atomic_path
+from geoseg.datasets.n3c import collate
+from geoseg.datasets.points import PointConfig
 from geoseg.errors import first_line
+from geoseg.predict.errors import PredictError
+from geoseg.predict.points import (
+    LIDAR_BANDS,
+    Extent,
+    ScenePoints,
+    catalog_items,
+    enough_points,
+    lidar_rasters,
+    local_item,
+    window_arrays,
+    window_rng,
+    window_sample,
+)
 from geoseg.train.metrics import predict_labels
 from geoseg.train.task import load_model
 
@@ -50,9 +78,16 @@ GSD_TOLERANCE = 0.10
 BLOCK = 256
 """Block size of the intermediate GTiff (rows are flushed into it band by band)."""
 
+GDAL_CACHE_BYTES = 128 * 2**20
+"""GDAL block cache while predicting (unless GDAL_CACHEMAX is set): GDAL's default, 5 % of RAM,
+would fill with the scene's decoded blocks and make memory grow with the scene up to that cap;
+a band's blocks (input and output) need a few tens of MB."""
 
-class PredictError(ValueError):
-    """Bad prediction input (scene or model); the message is one line for the CLI."""
+COLUMN_BLOCK = 4096
+"""Scene columns predicted per pass. Wider scenes are done in several passes of row bands, so
+the accumulators hold at most tile × (COLUMN_BLOCK + 2 tiles) px whatever the scene's size;
+windows straddling a pass boundary run in both passes (the price of flat memory: about one
+window column per 4096 px)."""
 
 
 def window_offsets(length: int, size: int, stride: int) -> list[int]:
@@ -73,6 +108,18 @@ def blend_weights(size: int, ramp: int) -> np.ndarray:
     return np.outer(ramp1d, ramp1d).astype(np.float32)
 
 
+def image_bands(contract: dict[str, Any]) -> list[str]:
+    """The contract's bands the scene image must hold (those not rasterised from points)."""
+    return [b for b in contract["bands"] if b not in LIDAR_BANDS]
+
+
+def needs_points(contract: dict[str, Any]) -> bool:
+    """Whether the model reads the scene's LiDAR (a point model, or LiDAR raster bands)."""
+    return contract["model"] not in IMAGE_ONLY_MODELS or len(image_bands(contract)) < len(
+        contract["bands"]
+    )
+
+
 def _open_scene(image: Path, contract: dict[str, Any]) -> DatasetReader:
     """Open the scene and check it against the contract (CRS, band count, pixel size)."""
     try:
@@ -82,7 +129,7 @@ def _open_scene(image: Path, contract: dict[str, Any]) -> DatasetReader:
     try:
         if src.crs is None:
             raise PredictError(f"{image} has no CRS; predictions must be georeferenced")
-        bands = contract["bands"]
+        bands = image_bands(contract)
         if src.count != len(bands):
             expected = f"{len(bands)} ({', '.join(bands)})"
             raise PredictError(f"{image} has {src.count} bands; the model expects {expected}")
@@ -93,33 +140,258 @@ def _open_scene(image: Path, contract: dict[str, Any]) -> DatasetReader:
                     f"{image} has {src.res[0]:g} x {src.res[1]:g} m pixels; the model was trained "
                     f"at {gsd:g} m (resample the scene first)"
                 )
+        t = src.transform
+        if needs_points(contract) and (t.b != 0 or t.d != 0 or t.e >= 0):
+            raise PredictError(f"{image} is not north-up; points need a north-up grid")
     except PredictError:
         src.close()
         raise
     return src
 
 
-def _normalise(
-    data: np.ndarray, nodata: float | None, contract: dict[str, Any], size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(model input (C, size, size), nodata mask (h, w)) of one window read from the scene.
+def _normalise(values: np.ndarray, contract: dict[str, Any], size: int) -> np.ndarray:
+    """Model input (C, size, size) of one window's band values (C, h, w), NaN where missing.
 
-    As in training (`N3CCalifornia.read_image`), nodata values become the band mean (0 after
+    As in training (`N3CCalifornia.read_image`), missing values become the band mean (0 after
     normalisation); windows cut by the scene's edge are padded with that same 0.
     """
-    values = data.astype(np.float32)
-    missing = values == nodata if nodata is not None else np.zeros_like(values, dtype=bool)
     mean = np.asarray(contract["mean"], np.float32)[:, None, None]
     std = np.asarray(contract["std"], np.float32)[:, None, None]
-    normalised = np.where(missing, 0.0, (values - mean) / std)
     out = np.zeros((len(mean), size, size), np.float32)
-    out[:, : data.shape[1], : data.shape[2]] = normalised
-    return out, missing.all(axis=0)
+    out[:, : values.shape[1], : values.shape[2]] = np.nan_to_num((values - mean) / std, nan=0.0)
+    return out
 
 
 def _batches(items: list[int], batch_size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), batch_size):
         yield items[start : start + batch_size]
+
+
+def _scene_points(
+    src: DatasetReader,
+    points: Sequence[str | Path] | None,
+    stac_url: str | None,
+    catalog: str | None,
+    stride: int,
+) -> ScenePoints:
+    """The scene's point source: local files, or the COPC items a STAC API has for it."""
+    crs = CRS.from_user_input(src.crs.to_wkt())
+    if points:
+        items = [local_item(p) for p in points]
+        return ScenePoints(items, crs, src.transform, src.shape, stride)
+    items, signer = catalog_items(crs, tuple(src.bounds), stac_url, catalog)
+    return ScenePoints(items, crs, src.transform, src.shape, stride, signer, check_local=False)
+
+
+def predict(
+    checkpoint: str | Path,
+    image: str | Path,
+    out: str | Path,
+    *,
+    points: Sequence[str | Path] | None = None,
+    stac_url: str | None = None,
+    catalog: str | None = None,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    vector: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write the class-map COG `out` (+ `<out stem>.json` STAC Item, optional GeoPackage).
+
+    Point-reading models take the scene's LiDAR from local files (`points`: COPC, LAS or LAZ,
+    any CRS) or from the COPC items a STAC API holds for the scene (`stac_url`, or `catalog`:
+    "planetary-computer" / "sample"). Returns the STAC Item. Raises `CheckpointError` for a file
+    that is not a geoseg checkpoint, `PredictError` for input the contract rules out, and
+    `StacError` when the STAC API fails.
+    """
+    checkpoint, image, out = Path(checkpoint), Path(image), Path(out)
+    if not 0.0 <= overlap < 1.0 or batch_size < 1:
+        raise PredictError("overlap must be in [0, 1) and batch size >= 1")
+    sources = [s for s in (points, stac_url, catalog) if s]
+    if len(sources) > 1:
+        raise PredictError("give the points once: --points, --stac-url or --catalog")
+    model, contract = load_model(checkpoint)
+    if needs_points(contract) and not sources:
+        raise PredictError(
+            f"model {contract['model']!r} with bands {contract['bands']} reads LiDAR: "
+            "give --points, --stac-url or --catalog"
+        )
+    if sources and not needs_points(contract):
+        raise PredictError(f"model {contract['model']!r} reads no LiDAR; drop the points")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    size = int(contract["tile_size"])
+    stride = max(1, round(size * (1.0 - overlap)))
+    colormap = {i: tuple(c) for i, c in enumerate(contract["class_colors"])}
+    with ExitStack() as stack:
+        if "GDAL_CACHEMAX" not in os.environ:
+            stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
+        src = stack.enter_context(_open_scene(image, contract))
+        scene_points = (
+            stack.enter_context(_scene_points(src, points, stac_url, catalog, stride))
+            if sources
+            else None
+        )
+        engine = _Engine(model, src, contract, size, stride, batch_size, device, scene_points)
+        # Uncompressed, so rows flushed into partly written blocks cost no block rewrites.
+        profile = {
+            "driver": "GTiff", "width": src.width, "height": src.height, "count": 1,
+            "dtype": "uint8", "crs": src.crs, "transform": src.transform, "nodata": 0,
+            "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK,
+        }  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            staging = Path(tmp) / "classes.tif"
+            with rasterio.open(staging, "w", **profile) as dst:
+                dst.write_colormap(1, colormap)
+                engine.run(dst)
+            with rasterio.open(staging) as staged, atomic_path(out) as final:
+                rio_copy(
+                    staged, final, driver="COG", COMPRESS="DEFLATE",
+                    BLOCKSIZE="512", OVERVIEW_RESAMPLING="NEAREST",
+                )  # fmt: skip
+        item = _stac_item(out, src, contract, checkpoint, str(device))
+    item["properties"]["geoseg:windows"] = engine.windows
+    item["properties"]["geoseg:skipped_windows"] = engine.skipped
+    with atomic_path(out.with_suffix(".json")) as tmp_json:
+        tmp_json.write_text(json.dumps(item, indent=2) + "\n")
+    if vector is not None:
+        _write_vector(out, Path(vector), contract["class_names"])
+    return item
+
+
+@dataclass
+class _Engine:
+    """The window loop: row band by row band, flushing rows that no later band touches."""
+
+    model: nn.Module
+    src: DatasetReader
+    contract: dict[str, Any]
+    size: int
+    stride: int
+    batch_size: int
+    device: torch.device
+    points: ScenePoints | None
+    windows: int = 0
+    skipped: int = 0
+
+    def __post_init__(self) -> None:
+        settings = self.contract["points"]
+        point_model = self.contract["model"] not in IMAGE_ONLY_MODELS
+        self.point_config = PointConfig(**settings, augment=False) if point_model else None
+        self.lidar = [b for b in self.contract["bands"] if b in LIDAR_BANDS]
+        image = image_bands(self.contract)  # read first, then the LiDAR rasters: reorder
+        self.order = [
+            image.index(b) if b in image else len(image) + self.lidar.index(b)
+            for b in self.contract["bands"]
+        ]
+
+    def _inputs(
+        self, top: int, left: int, band: dict[str, np.ndarray] | None
+    ) -> tuple[dict[str, Any], np.ndarray] | None:
+        """(sample, image nodata mask (h, w)) of one window, None when it has too few points."""
+        src, size = self.src, self.size
+        window = Window(left, top, min(size, src.width - left), min(size, src.height - top))
+        values = src.read(window=window).astype(np.float32)
+        if src.nodata is not None:
+            values[values == src.nodata] = np.nan
+        missing = np.isnan(values).all(axis=0)
+        sample: dict[str, Any] = {"points": None}
+        if band is not None:
+            full = Window(left, top, size, size)
+            bounds = window_bounds(full, src.transform)
+            arrays = window_arrays(band, bounds)
+            if self.point_config is not None:
+                if not enough_points(arrays, self.point_config):
+                    return None
+                sample["points"] = window_sample(
+                    arrays, window_transform(full, src.transform), size, self.point_config,
+                    window_rng(self.contract["seed"], top, left),
+                )  # fmt: skip
+            if self.lidar:
+                extent = Extent(CRS.from_user_input(src.crs.to_wkt()), bounds, src.res[0], size)
+                rasters = lidar_rasters(arrays, extent, self.lidar)
+                values = np.concatenate([values, rasters[:, : window.height, : window.width]])
+        values = values[self.order] if self.lidar else values
+        sample["image"] = torch.from_numpy(_normalise(values, self.contract, size))
+        return sample, missing
+
+    def _forward(self, samples: list[dict[str, Any]]) -> np.ndarray:
+        if samples[0]["points"] is None:
+            batch = {"image": torch.stack([s["image"] for s in samples]), "points": None}
+        else:  # collate wants targets; prediction has none
+            empty = torch.zeros(0)
+            batch = collate([{**s, "mask": empty, "point_labels": empty, "tile_id": ""}
+                             for s in samples])  # fmt: skip
+        batch = {
+            "image": batch["image"].to(self.device),
+            "points": _to(batch["points"], self.device),
+        }
+        on_gpu = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=on_gpu):
+            return self.model(batch)["logits"].float().cpu().numpy()
+
+    def run(self, dst: DatasetWriter) -> None:
+        """Predict the scene column block by column block (see `COLUMN_BLOCK`)."""
+        width, size = self.src.width, self.size
+        cols = window_offsets(width, size, self.stride)
+        for c0 in range(0, width, COLUMN_BLOCK):
+            c1 = min(width, c0 + COLUMN_BLOCK)
+            self._run_block(dst, [c for c in cols if c < c1 and c + size > c0], c0, c1)
+
+    def _run_block(self, dst: DatasetWriter, cols: list[int], c0: int, c1: int) -> None:
+        """Columns [c0, c1) of the scene, from every window that touches them (`cols`)."""
+        src, size = self.src, self.size
+        x0, height = cols[0], src.height
+        span = min(src.width, cols[-1] + size) - x0
+        rows = window_offsets(height, size, self.stride)
+        weights = blend_weights(size, size - self.stride)
+        classes = len(self.contract["class_names"])
+        logit_sum = np.zeros((classes, size, span), np.float32)
+        weight_sum = np.zeros((size, span), np.float32)
+        nodata = np.zeros((size, span), bool)
+        for k, top in enumerate(rows):
+            h = min(size, height - top)
+            band = None if self.points is None else self.points.read(Window(x0, top, span, h))
+            for chunk in _batches(cols, self.batch_size):
+                kept, samples = [], []
+                for left in chunk:
+                    self.windows += 1
+                    inputs = self._inputs(top, left, band)
+                    if inputs is None:
+                        self.skipped += 1
+                        continue
+                    sample, missing = inputs
+                    at = left - x0
+                    nodata[: missing.shape[0], at : at + missing.shape[1]] = missing
+                    kept.append(at)
+                    samples.append(sample)
+                if not samples:
+                    continue
+                for at, window_logits in zip(kept, self._forward(samples), strict=True):
+                    w = min(size, span - at)
+                    logit_sum[:, :h, at : at + w] += (window_logits * weights)[:, :h, :w]
+                    weight_sum[:h, at : at + w] += weights[:h, :w]
+            done = (rows[k + 1] if k + 1 < len(rows) else height) - top
+            owned = np.s_[:done, c0 - x0 : c1 - x0]
+            covered = weight_sum[owned] > 0
+            blended = logit_sum[(slice(None), *owned)] / np.where(covered, weight_sum[owned], 1)
+            labels = predict_labels(torch.from_numpy(blended), dim=0).numpy().astype(np.uint8)
+            labels[nodata[owned] | ~covered] = 0
+            dst.write(labels, 1, window=Window(c0, top, c1 - c0, done))
+            for buffer in (logit_sum, weight_sum, nodata):  # slide the band down by `done` rows
+                buffer[..., : size - done, :] = buffer[..., done:, :]
+                buffer[..., size - done :, :] = 0
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """Tensors of a (nested) points batch moved to `device`; None stays None."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    return value
 
 
 def _stac_item(
@@ -189,106 +461,3 @@ def _write_vector(classmap: Path, vector: Path, class_names: list[str]) -> None:
     with atomic_path(vector) as tmp:
         tmp.unlink()  # the GPKG driver refuses to overwrite the empty placeholder
         frame.to_file(tmp, driver="GPKG", layer=vector.stem)
-
-
-def predict(
-    checkpoint: str | Path,
-    image: str | Path,
-    out: str | Path,
-    *,
-    overlap: float = 0.25,
-    batch_size: int = 4,
-    vector: str | Path | None = None,
-) -> dict[str, Any]:
-    """Write the class-map COG `out` (+ `<out stem>.json` STAC Item, optional GeoPackage).
-
-    Returns the STAC Item. Raises `CheckpointError` for a file that is not a geoseg checkpoint
-    and `PredictError` for a model that needs points or a scene the contract rules out.
-    """
-    checkpoint, image, out = Path(checkpoint), Path(image), Path(out)
-    if not 0.0 <= overlap < 1.0 or batch_size < 1:
-        raise PredictError("overlap must be in [0, 1) and batch size >= 1")
-    model, contract = load_model(checkpoint)
-    if contract["model"] not in IMAGE_ONLY_MODELS:
-        raise PredictError(
-            f"this model needs --points (not supported yet): {contract['model']!r} reads LiDAR"
-        )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    size = int(contract["tile_size"])
-    stride = max(1, round(size * (1.0 - overlap)))
-    weights = blend_weights(size, size - stride)
-    colormap = {i: tuple(c) for i, c in enumerate(contract["class_colors"])}
-    with _open_scene(image, contract) as src:
-        height, width = src.height, src.width
-        rows, cols = window_offsets(height, size, stride), window_offsets(width, size, stride)
-        # Uncompressed, so rows flushed into partly written blocks cost no block rewrites.
-        profile = {
-            "driver": "GTiff", "width": width, "height": height, "count": 1, "dtype": "uint8",
-            "crs": src.crs, "transform": src.transform, "nodata": 0, "tiled": True,
-            "blockxsize": BLOCK, "blockysize": BLOCK,
-        }  # fmt: skip
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            staging = Path(tmp) / "classes.tif"
-            with rasterio.open(staging, "w", **profile) as dst:
-                dst.write_colormap(1, colormap)
-                _predict_bands(model, src, dst, contract, rows, cols, weights, batch_size, device)
-            with rasterio.open(staging) as staged, atomic_path(out) as final:
-                rio_copy(
-                    staged, final, driver="COG", COMPRESS="DEFLATE",
-                    BLOCKSIZE="512", OVERVIEW_RESAMPLING="NEAREST",
-                )  # fmt: skip
-        item = _stac_item(out, src, contract, checkpoint, str(device))
-    with atomic_path(out.with_suffix(".json")) as tmp_json:
-        tmp_json.write_text(json.dumps(item, indent=2) + "\n")
-    if vector is not None:
-        _write_vector(out, Path(vector), contract["class_names"])
-    return item
-
-
-def _predict_bands(
-    model: nn.Module,
-    src: DatasetReader,
-    dst: DatasetWriter,
-    contract: dict[str, Any],
-    rows: list[int],
-    cols: list[int],
-    weights: np.ndarray,
-    batch_size: int,
-    device: torch.device,
-) -> None:
-    """Run the windows row band by row band, flushing rows that no later band touches."""
-    size, width, height = len(weights), src.width, src.height
-    classes = len(contract["class_names"])
-    logit_sum = np.zeros((classes, size, width), np.float32)
-    weight_sum = np.zeros((size, width), np.float32)
-    nodata = np.zeros((size, width), bool)
-    on_gpu = device.type == "cuda"
-    for k, top in enumerate(rows):
-        h = min(size, height - top)
-        for chunk in _batches(cols, batch_size):
-            inputs = []
-            for left in chunk:
-                data = src.read(window=Window(left, top, min(size, width - left), h))
-                x, missing = _normalise(data, src.nodata, contract, size)
-                inputs.append(x)
-                nodata[: missing.shape[0], left : left + missing.shape[1]] = missing
-            with (
-                torch.inference_mode(),
-                torch.autocast(device.type, torch.bfloat16, enabled=on_gpu),
-            ):
-                batch = torch.from_numpy(np.stack(inputs)).to(device)
-                logits = model({"image": batch, "points": None})["logits"].float().cpu().numpy()
-            for left, window_logits in zip(chunk, logits, strict=True):
-                w = min(size, width - left)
-                logit_sum[:, :h, left : left + w] += (window_logits * weights)[:, :h, :w]
-                weight_sum[:h, left : left + w] += weights[:h, :w]
-        done = (rows[k + 1] if k + 1 < len(rows) else height) - top
-        blended = torch.from_numpy(logit_sum[:, :done] / weight_sum[:done])
-        labels = predict_labels(blended, dim=0).numpy().astype(np.uint8)
-        labels[nodata[:done]] = 0
-        dst.write(labels, 1, window=Window(0, top, width, done))
-        for buffer in (logit_sum, weight_sum, nodata):  # slide the band down by `done` rows
-            buffer[..., : size - done, :] = buffer[..., done:, :]
-            buffer[..., size - done :, :] = 0
