@@ -1,0 +1,329 @@
+"""Retrieval efficiency: visual tokens and embedding speed for s = 1 vs 2, search latency at 10⁶.
+
+1. Visual tokens per tile of the embedder for s = 1 (no compression) and s = 2; s = 2 must give
+   exactly 1/4 (papers.md §2.9: InternVL3 256 → 64 per 448-px tile).
+2. Embedding speed on CPU, random weights (speed does not depend on them): per-tile latency at
+   batch 1 (median and p95) and throughput at batch 8, for the offline default backbone at
+   (a) the sample's 64-px tiles (configs/retrieval-tiny.yaml) and (b) 224-px tiles with 14-px
+   patches (16 × 16 = 256 → 64 tokens, the paper's natural-image token counts).
+   With CUDA: the same at batch 1 in bf16 for a full-size InternVL3-1B-shaped HF config (random
+   weights, 448 px, InternViT-300M + Qwen2.5-0.5B shapes): the paper's table 6 setting.
+3. Search latency over 10⁶ random unit vectors (dim 384, the default embedder's), one query at a
+   time (faiss with 2 OpenMP threads; a single query runs on one): exact (IndexFlatIP), IVF
+   (√n lists, 32 probes) unfiltered, IVF with a 30 % bbox and a 33 % split filter
+   (IDSelectorBitmap, probes scaled) and a 1 % bbox (exact: every list probed, only matching
+   tiles scored); p50/p95 ms (metadata mask included) and recall@10 against the exact answer.
+   Target: p95 ≤ 10 ms. Random vectors are the worst case for IVF recall (no cluster
+   structure); real embeddings cluster.
+
+    .venv/bin/python benchmarks/retrieval.py           # ≈ 10 min on 2 busy cores, ~5 GiB RAM
+    .venv/bin/python benchmarks/retrieval.py --quick   # 10⁵ vectors, fewer repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from retrieval.embedder import TileEmbedder, create_embedder  # noqa: E402
+from retrieval.index import Filters, TileIndex, make_faiss  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+DIM = 384
+QUERY = "tall trees and some bare ground on flat terrain"
+
+CPU_CONFIGS: dict[str, dict[str, Any]] = {
+    "default 64 px (tiny)": {
+        "image_size": 64,
+        "patch_size": 8,
+        "vision_width": 96,
+        "vision_layers": 2,
+        "vision_heads": 4,
+        "lm_layers": 2,
+    },
+    "default 224 px / patch 14": {
+        "image_size": 224,
+        "patch_size": 14,
+        "vision_width": 384,
+        "vision_layers": 6,
+        "vision_heads": 6,
+        "lm_layers": 6,
+    },
+}
+
+
+def internvl3_1b_config() -> dict[str, Any]:
+    """InternVL3-1B-hf shapes (InternViT-300M-448px + Qwen2.5-0.5B), random weights.
+
+    The vocabulary is MiniLM's, whose tokenizer is the one available offline; it only changes
+    the embedding-table size, not the per-token compute of the layers.
+    """
+    from transformers import AutoTokenizer
+
+    from retrieval.backbones.default import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    vision = {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+        "image_size": [448, 448],
+        "patch_size": [14, 14],
+    }
+    text = {
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "intermediate_size": 4864,
+        "vocab_size": tokenizer.vocab_size,
+    }
+    return {
+        "model_type": "internvl",
+        "downsample_ratio": 0.5,
+        "vision_config": vision,
+        "text_config": text,
+        "image_token_id": 1,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def timed(
+    fn: Callable[[], Any], reps: int, sync: Callable[[], None] = lambda: None
+) -> tuple[list[float], list[float]]:
+    """(wall ms, process CPU ms) of `reps` calls after one warm-up call.
+
+    The dev machine is shared (load average ~13 on 2 cores while measuring), so wall times
+    mostly measure waiting for a core; CPU time of a single-threaded call is what it costs.
+    """
+    fn()
+    sync()
+    wall, cpu = [], []
+    for _ in range(reps):
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        sync()
+        wall.append((time.perf_counter() - t) * 1000)
+        cpu.append((time.process_time() - c) * 1000)
+    return wall, cpu
+
+
+def embed_speed(
+    embedder: TileEmbedder, device: str, reps: int, batch: int | None
+) -> dict[str, Any]:
+    size = embedder.image_size
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    one = torch.rand(1, 3, size, size, device=device)
+    with torch.inference_mode():
+        wall, cpu = timed(lambda: embedder.embed_tiles(one), reps, sync)
+        qwall, qcpu = timed(lambda: embedder.embed_queries([QUERY]), reps, sync)
+        row = {
+            "visual_tokens": embedder.visual_tokens(),
+            "tile_ms_p50": statistics.median(wall),
+            "tile_ms_p95": percentile(wall, 95),
+            "tile_cpu_ms_p50": statistics.median(cpu),
+            "query_ms_p50": statistics.median(qwall),
+            "query_cpu_ms_p50": statistics.median(qcpu),
+        }
+        if batch:
+            many = torch.rand(batch, 3, size, size, device=device)
+            _, bcpu = timed(lambda: embedder.embed_tiles(many), max(2, reps // 2), sync)
+            row["tiles_per_cpu_s"] = batch * 1000 / statistics.median(bcpu)
+    return row
+
+
+def embedding_rows(quick: bool) -> list[dict[str, Any]]:
+    rows = []
+    reps = 3 if quick else 8
+    for name, spec in CPU_CONFIGS.items():
+        for s in (1, 2):
+            torch.manual_seed(0)
+            embedder = create_embedder({"backbone": {"kind": "default", **spec, "compression": s}})
+            row = embed_speed(embedder.eval(), "cpu", reps, batch=8)
+            rows.append({"device": "cpu fp32", "config": name, "s": s, **row})
+            print_row(rows[-1])
+    if torch.cuda.is_available():
+        from transformers import AutoTokenizer
+
+        from retrieval.backbones import create_backbone
+        from retrieval.backbones.default import minilm_path
+
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+        for s in (1, 2):
+            torch.manual_seed(0)
+            spec = {"kind": "internvl", "hf_config": internvl3_1b_config(), "compression": s}
+            backbone = create_backbone(spec | {"dtype": "bfloat16"}, tokenizer=tokenizer)
+            embedder = TileEmbedder(backbone).to("cuda").eval()
+            row = embed_speed(embedder, "cuda", reps=5 if quick else 50, batch=None)
+            name = f"InternVL3-1B shapes, 448 px ({torch.cuda.get_device_name()})"
+            rows.append({"device": "cuda bf16", "config": name, "s": s, **row})
+            print_row(rows[-1])
+            del embedder, backbone
+            torch.cuda.empty_cache()
+    for r in rows:
+        base = next(b for b in rows if b["config"] == r["config"] and b["s"] == 1)
+        r["tokens_ratio"] = r["visual_tokens"] / base["visual_tokens"]
+        r["speedup_batch1_cpu"] = base["tile_cpu_ms_p50"] / r["tile_cpu_ms_p50"]
+    return rows
+
+
+def print_row(r: dict[str, Any]) -> None:
+    tput = f"{r['tiles_per_cpu_s']:7.1f}" if "tiles_per_cpu_s" in r else "      —"
+    print(
+        f"{r['device']:10} {r['config']:30} s={r['s']} tokens {r['visual_tokens']:4d}  "
+        f"tile wall {r['tile_ms_p50']:8.2f} ms (p95 {r['tile_ms_p95']:8.2f}) "
+        f"cpu {r['tile_cpu_ms_p50']:8.2f} ms  query cpu {r['query_cpu_ms_p50']:6.2f} ms  "
+        f"batch {tput} tiles/cpu-s",
+        flush=True,
+    )
+
+
+def search_rows(n: int, queries: int) -> list[dict[str, Any]]:
+    faiss.omp_set_num_threads(2)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((n, DIM), dtype=np.float32)
+    faiss.normalize_L2(vectors)
+    q = rng.standard_normal((queries, DIM), dtype=np.float32)
+    faiss.normalize_L2(q)
+    # Metadata like a real archive's: a lon/lat grid of tiles, random splits.
+    side = int(np.ceil(np.sqrt(n)))
+    col, row = np.arange(n) % side, np.arange(n) // side
+    meta = pd.DataFrame(
+        {
+            "tile_id": [f"t{i}" for i in range(n)],
+            "west": col * 0.01,
+            "east": col * 0.01 + 0.01,
+            "south": row * 0.01,
+            "north": row * 0.01 + 0.01,
+            "split": pd.Categorical(rng.choice(["train", "val", "test"], n, p=[0.7, 0.15, 0.15])),
+            "year": 2022,
+        }
+    )
+    edge = side * 0.01
+    filters = {
+        "none": Filters(),
+        "bbox 30 %": Filters(bbox=(0, 0, edge, 0.3 * edge - 0.005)),
+        "bbox 1 %": Filters(bbox=(0, 0, 0.1 * edge - 0.005, 0.1 * edge - 0.005)),
+        "split test": Filters(split="test"),
+    }
+    rows = []
+    for kind in ("flat", "ivf"):
+        t = time.perf_counter()
+        index = TileIndex({"kind": kind}, meta, make_faiss(vectors, kind), vectors, Path("."))
+        build_s = time.perf_counter() - t
+        for fname, filt in filters.items():
+            if kind == "flat" and fname != "none":
+                continue  # filtered flat = the exact selector scan, as ivf at 1 %
+            index.search(q[:1], 10, filt)  # warm-up
+            lat, cpu, found = [], [], []
+            count = min(queries, 50) if kind == "flat" else queries  # flat at 10⁶ is slow
+            for i in range(count):
+                start, c = time.perf_counter(), time.process_time()
+                hits = index.search(q[i : i + 1], 10, filt)[0]
+                lat.append((time.perf_counter() - start) * 1000)
+                cpu.append((time.process_time() - c) * 1000)
+                found.append({r for r, _ in hits})
+            truth = _exact_filtered(vectors, q[:count], filt, meta)
+            recall = np.mean([len(a & b) / 10 for a, b in zip(found, truth, strict=True)])
+            rows.append(
+                {
+                    "index": kind,
+                    "filter": fname,
+                    "vectors": n,
+                    "build_s": build_s,
+                    "p50_ms": statistics.median(lat),
+                    "p95_ms": percentile(lat, 95),
+                    "cpu_p50_ms": statistics.median(cpu),
+                    "cpu_p95_ms": percentile(cpu, 95),
+                    "recall@10": float(recall),
+                    "threads": 2,
+                }
+            )
+            r = rows[-1]
+            print(
+                f"{kind:5} filter {fname:10} n={n}  p50 {r['p50_ms']:7.2f} ms  "
+                f"p95 {r['p95_ms']:7.2f} ms  cpu p50 {r['cpu_p50_ms']:6.2f} p95 "
+                f"{r['cpu_p95_ms']:6.2f} ms  recall@10 {r['recall@10']:.3f}  "
+                f"(build {build_s:.1f} s)",
+                flush=True,
+            )
+        del index
+    return rows
+
+
+def _exact_filtered(
+    vectors: np.ndarray, q: np.ndarray, filt: Filters, meta: pd.DataFrame
+) -> list[set[int]]:
+    """Ground-truth top 10 per query within the filter (numpy, in chunks of queries)."""
+    mask = filt.mask(meta)
+    allowed = np.flatnonzero(mask) if mask is not None else np.arange(len(vectors))
+    subset = vectors[allowed]
+    out = []
+    for i in range(0, len(q), 16):
+        scores = q[i : i + 16] @ subset.T
+        top = np.argpartition(-scores, 10, axis=1)[:, :10]
+        out += [set(allowed[t].tolist()) for t in top]
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
+                 if ln.startswith("model name")]  # fmt: skip
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg()[0],
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="10⁵ vectors, fewer repetitions")
+    p.add_argument("--vectors", type=int, help="search benchmark size [10⁶; quick 10⁵]")
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--json", type=Path, default=RESULTS / "retrieval.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # see `timed`: oversubscribed threads only add waiting
+    info = machine()
+    print(json.dumps(info))
+    embedding = embedding_rows(args.quick)
+    n = args.vectors or (100_000 if args.quick else 1_000_000)
+    search = search_rows(n, args.queries)
+    result = {"machine": info, "quick": args.quick, "embedding": embedding, "search": search}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

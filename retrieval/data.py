@@ -1,0 +1,226 @@
+"""Tiles of a `geoseg build-dataset` folder as retrieval items: metadata, statistics, RGB.
+
+Captions, relevance grades and index metadata all come from one `TileInfo` per tile. Its
+statistics (heights above ground, NDVI, terrain) need the tile's rasters and points, so they are
+computed once and cached in the build folder (`retrieval_stats.parquet`, keyed by tile id and
+a stats version); later calls read only that file and `index.parquet`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import laspy
+import numpy as np
+import pandas as pd
+import rasterio
+import torch
+from scipy import ndimage
+from torch import Tensor
+
+from geoseg.build.writers import atomic_path
+from geoseg.classes import CLASS_NAMES
+from geoseg.plot import stretch
+
+CLASSES: tuple[str, ...] = CLASS_NAMES[1:]
+"""Labelled classes (others, ground, tree, building); fractions are over labelled pixels."""
+
+STATS_FILE = "retrieval_stats.parquet"
+STATS_VERSION = 1
+"""Bump when `tile_stats` changes so stale caches are recomputed."""
+
+ASPRS_GROUND = 2
+GROUND_CELL_M = 4.0
+"""Ground points are binned on cells of this size (median z) before interpolation: coarse
+enough that every cell under a canopy usually holds some ground returns."""
+
+
+@dataclass(frozen=True)
+class TileInfo:
+    """One tile as the retrieval side sees it (no pixels)."""
+
+    tile_id: str
+    split: str
+    bbox: tuple[float, float, float, float]
+    """lon/lat W, S, E, N."""
+    crs: str
+    year: int
+    class_fractions: dict[str, float] = field(default_factory=dict)
+    """others/ground/tree/building share of the *labelled* pixels (sums to 1, or all 0)."""
+    stats: dict[str, float | None] = field(default_factory=dict)
+    """See `tile_stats`: heights (m), NDVI, terrain relief (m) and slope (deg); None = unknown."""
+
+    @property
+    def dominant(self) -> str | None:
+        """Class with the largest labelled share, None for a tile without labels."""
+        if not any(self.class_fractions.values()):
+            return None
+        return max(CLASSES, key=lambda c: self.class_fractions.get(c, 0.0))
+
+
+def load_tiles(data: Path, split: str | None = None, progress: bool = False) -> list[TileInfo]:
+    """Every tile of a build folder (or one split), sorted by tile id, statistics cached."""
+    data = Path(data)
+    index_path = data / "index.parquet"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path} not found; is {data} a geoseg build-dataset output?")
+    index = gpd.read_parquet(index_path).sort_values("tile_id").reset_index(drop=True)
+    if index.crs is not None and index.crs.to_epsg() != 4326:
+        index = index.to_crs(4326)  # TileInfo.bbox is lon/lat
+    if split is not None:
+        if split not in set(index["split"]):
+            raise ValueError(f"split {split!r} of {data} has no tiles")
+        index = index[index["split"] == split].reset_index(drop=True)
+    stats = _cached_stats(data, index, progress)
+    return [_tile_info(row, stats.get(row["tile_id"], {})) for row in index.to_dict("records")]
+
+
+def _tile_info(row: dict[str, Any], stats: dict[str, Any]) -> TileInfo:
+    # index.parquet's frac_<class> are already shares of the labelled pixels; renormalise only
+    # against rounding.
+    raw = {c: float(row[f"frac_{c}"]) for c in CLASSES}
+    total = sum(raw.values())
+    fractions = {c: (v / total if total > 0 else 0.0) for c, v in raw.items()}
+    return TileInfo(
+        tile_id=row["tile_id"],
+        split=row["split"],
+        bbox=tuple(float(v) for v in row["geometry"].bounds),
+        crs=f"EPSG:{int(row['epsg'])}",
+        year=int(row["year"]),
+        class_fractions=fractions,
+        stats={k: (None if v is None or _isnan(v) else float(v)) for k, v in stats.items()},
+    )
+
+
+def _isnan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _cached_stats(data: Path, index: pd.DataFrame, progress: bool) -> dict[str, dict[str, Any]]:
+    """Stats of the index's tiles: read from the cache, compute the missing ones, save."""
+    path = data / STATS_FILE
+    cached = pd.DataFrame()
+    if path.is_file():
+        cached = pd.read_parquet(path)
+        cached = cached[cached["version"] == STATS_VERSION]
+    have = set(cached["tile_id"]) if not cached.empty else set()
+    todo = [(t, p) for t, p in zip(index["tile_id"], index["path"], strict=True) if t not in have]
+    if todo:
+        rows = [
+            {"tile_id": t, "version": STATS_VERSION, **tile_stats(data / p)}
+            for t, p in _progress(todo, progress, "tile stats")
+        ]
+        cached = pd.concat([cached, pd.DataFrame(rows)], ignore_index=True)
+        try:
+            with atomic_path(path) as tmp:
+                cached.to_parquet(tmp, index=False)
+        except OSError:
+            pass  # a read-only build folder still works, it just recomputes next time
+    return cached.drop(columns="version").set_index("tile_id").to_dict("index")
+
+
+def _progress(items: list, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="tile")
+
+
+def tile_stats(folder: Path) -> dict[str, float | None]:
+    """Heights above ground, NDVI and terrain of one tile folder.
+
+    The ground surface is the LiDAR's own ground class (ASPRS 2) binned and interpolated, not the
+    DSM, because the canopy and roofs hide the ground in the DSM; tree and building heights are
+    then DSM minus that surface over the tile's tree/building pixels.
+    """
+    with rasterio.open(folder / "label.tif") as src:
+        label = src.read(1)
+    with rasterio.open(folder / "dsm.tif") as src:
+        dsm = src.read(1, masked=True)
+        transform = src.transform
+    with rasterio.open(folder / "image.tif") as src:
+        red, nir = src.read(1).astype(np.float64), src.read(4).astype(np.float64)
+    ground = _ground_surface(folder / "points.laz", transform, label.shape, dsm)
+    stats: dict[str, float | None] = {}
+    if ground is not None:
+        hag = np.ma.masked_invalid(dsm - ground)
+        for name in ("building", "tree"):
+            h = hag[(label == CLASS_NAMES.index(name)) & ~np.ma.getmaskarray(hag)].compressed()
+            stats[f"{name}_height_p50"] = float(np.percentile(h, 50)) if h.size else None
+            stats[f"{name}_height_p95"] = float(np.percentile(h, 95)) if h.size else None
+        gsd = abs(transform.a)
+        gy, gx = np.gradient(ground, gsd)
+        stats["slope_deg"] = float(np.degrees(np.arctan(np.nanmean(np.hypot(gx, gy)))))
+        lo, hi = np.nanpercentile(ground, [2, 98])
+        stats["relief_m"] = float(hi - lo)
+    else:
+        stats |= dict.fromkeys(
+            ("building_height_p50", "building_height_p95", "tree_height_p50", "tree_height_p95"),
+            None,
+        )
+        stats |= {"slope_deg": None, "relief_m": None}
+    valid = (red > 0) & (nir > 0)  # NIR 0 = band missing (3-band scenes) or nodata
+    ndvi = (nir[valid] - red[valid]) / (nir[valid] + red[valid])
+    stats["ndvi_mean"] = float(ndvi.mean()) if ndvi.size else None
+    stats["green_fraction"] = float((ndvi > 0.3).mean()) if ndvi.size else None
+    return stats
+
+
+def _ground_surface(
+    laz: Path, transform: Any, shape: tuple[int, int], dsm: np.ma.MaskedArray
+) -> np.ndarray | None:
+    """Ground elevation per pixel: median ground-point z on coarse cells, gaps filled by the
+    nearest cell, smoothed back to pixels. Falls back to a low DSM quantile (flat) without
+    ground points; None when there is neither."""
+    gsd = abs(transform.a)
+    cell = max(1, round(GROUND_CELL_M / gsd))
+    ny, nx = -(-shape[0] // cell), -(-shape[1] // cell)
+    points = laspy.read(laz) if laz.is_file() else None
+    if points is None or not np.any(points.classification == ASPRS_GROUND):
+        valid = dsm.compressed()
+        return np.full(shape, np.percentile(valid, 5)) if valid.size else None
+    g = points.classification == ASPRS_GROUND
+    col = ((np.asarray(points.x[g]) - transform.c) / gsd).astype(int) // cell
+    row = ((transform.f - np.asarray(points.y[g])) / gsd).astype(int) // cell
+    z = np.asarray(points.z[g], dtype=np.float64)
+    keep = (col >= 0) & (col < nx) & (row >= 0) & (row < ny)
+    flat = row[keep] * nx + col[keep]
+    grid = np.full(ny * nx, np.nan)
+    order = np.argsort(flat, kind="stable")
+    cells, starts = np.unique(flat[order], return_index=True)
+    for c, chunk in zip(cells, np.split(z[keep][order], starts[1:]), strict=True):
+        grid[c] = np.median(chunk)
+    grid = grid.reshape(ny, nx)
+    empty = np.isnan(grid)
+    if empty.all():
+        return None
+    if empty.any():
+        nearest = ndimage.distance_transform_edt(empty, return_distances=False, return_indices=True)
+        grid = grid[tuple(nearest)]
+    full = ndimage.zoom(grid, (shape[0] / ny, shape[1] / nx), order=1, mode="nearest")
+    return full[: shape[0], : shape[1]]
+
+
+def tile_rgb(data: Path, tile_id: str) -> Tensor:
+    """(3, H, W) float RGB in [0, 1] of a built tile, stretched like the previews (plot.stretch)."""
+    path = Path(data) / "tiles" / tile_id / "image.tif"
+    if not path.is_file():
+        raise FileNotFoundError(f"tile {tile_id!r} not found in {data}")
+    return read_rgb(path)
+
+
+def read_rgb(path: Path) -> Tensor:
+    """(3, H, W) stretched RGB of any GeoTIFF with R, G, B as its first three bands."""
+    with rasterio.open(path) as src:
+        if src.count < 3:
+            raise ValueError(f"{path} has {src.count} band(s); need R, G, B")
+        rgb = src.read([1, 2, 3]).astype(np.float32)
+        nodata = src.nodata
+    valid = np.ones(rgb.shape[1:], bool) if nodata is None else np.all(rgb != nodata, axis=0)
+    return torch.from_numpy(stretch(rgb, valid=valid))

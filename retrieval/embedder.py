@@ -1,0 +1,194 @@
+"""`TileEmbedder`: an MLLM backbone read as an embedder (Magic-MM-Embedding, papers.md part 2).
+
+Input = task instruction + visual context + text, for queries and candidates alike; the
+embedding is the L2-normalised hidden state of the last token, and scores are dot products. The
+instruction templates are part of the saved config (and so of the fingerprint): an index built
+with one wording must not be queried with another.
+
+A saved embedder is a folder: `config.yaml` (backbone spec + templates), `model.safetensors`
+(all weights, the stage-1 LM head included) and `tokenizer/`. It is written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+
+from retrieval.backbones import Backbone, create_backbone
+
+TEMPLATES: dict[str, str] = {
+    "query": "Find an aerial image tile that matches the given description: {text}",
+    "tile": "Represent the given aerial image tile.",
+    "tile_text": "Represent the given aerial image tile with its description: {text}",
+    "text": "Represent the given description of an aerial image tile: {text}",
+}
+"""Instructions in the style of the paper's Tables 11-12: the query and the candidate kinds."""
+
+CONFIG_KEYS = ("backbone", "templates", "max_text_tokens")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder next to `final`; it replaces `final` only on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of every tensor of `module`'s state, in key order (dtype-agnostic byte view)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+class TileEmbedder(nn.Module):
+    """Embeds tiles (optionally with text) and text queries into one L2-normalised space.
+
+    In training mode the embed methods build a graph; in eval mode (what `load_embedder`
+    returns) they run without gradients.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        templates: dict[str, str] | None = None,
+        max_text_tokens: int = 64,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.templates = {**TEMPLATES, **(templates or {})}
+        self.max_text_tokens = max_text_tokens
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.hidden_size
+
+    @property
+    def image_size(self) -> int:
+        return self.backbone.image_size
+
+    @property
+    def compression(self) -> int:
+        return self.backbone.compression
+
+    def visual_tokens(self) -> int:
+        """Tokens per tile the language model sees (after compression)."""
+        return self.backbone.image_token_count()
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone.spec(),
+            "templates": dict(self.templates),
+            "max_text_tokens": self.max_text_tokens,
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable hash of config + weights (recomputed on access: hashes all weights)."""
+        digest = hashlib.sha256(yaml.safe_dump(self.config(), sort_keys=True).encode())
+        digest.update(weights_digest(self).encode())
+        return digest.hexdigest()[:16]
+
+    def embed(self, images: Tensor | None, texts: list[str], template: str) -> Tensor:
+        """Embed `[images (B, M, 3, H, W) or None; template filled with each text]`."""
+        prompts = [self.templates[template].format(text=t) for t in texts]
+        with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
+            hidden = self.backbone.hidden(images, prompts, self.max_text_tokens)
+        return F.normalize(hidden.float(), dim=-1)
+
+    def embed_tiles(self, images: Tensor, texts: list[str] | None = None) -> Tensor:
+        """(B, 3, H, W) RGB in [0, 1] [+ a text per tile] -> (B, dim), L2-normalised."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected (B, 3, H, W) RGB tiles, got shape {tuple(images.shape)}")
+        if texts is None:
+            return self.embed(images.unsqueeze(1), [""] * images.shape[0], "tile")
+        return self.embed(images.unsqueeze(1), texts, "tile_text")
+
+    def embed_queries(self, texts: list[str]) -> Tensor:
+        """Text queries (query instruction applied here) -> (B, dim), L2-normalised."""
+        if not texts or any(not t.strip() for t in texts):
+            raise ValueError("empty query text")
+        return self.embed(None, texts, "query")
+
+    def embed_texts(self, texts: list[str]) -> Tensor:
+        """Text *candidates* (the candidate-side text template) -> (B, dim)."""
+        return self.embed(None, texts, "text")
+
+    def save(self, path: Path) -> None:
+        """Write the embedder folder atomically (config.yaml, model.safetensors, tokenizer/)."""
+        save_folder(self, self.config(), Path(path))
+
+
+def save_folder(module: nn.Module, config: dict[str, Any], path: Path) -> None:
+    """config.yaml + model.safetensors + tokenizer/ of a module holding a `backbone`."""
+    with atomic_dir(path) as tmp:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        save_model(module, str(tmp / "model.safetensors"))
+        module.backbone.tokenizer.save_pretrained(tmp / "tokenizer")
+
+
+def read_folder(path: Path) -> tuple[dict[str, Any], Backbone]:
+    """The config and a backbone with random weights of a `save_folder` folder (load the
+    weights with `load_model` once the owning module exists)."""
+    from transformers import AutoTokenizer
+
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    return config, create_backbone(config["backbone"], tokenizer=tokenizer)
+
+
+def create_embedder(config: dict[str, Any]) -> TileEmbedder:
+    """A new embedder from a config: `backbone` (spec; pretrained weights where it names
+    them, random init otherwise), optional `templates`, `max_text_tokens`."""
+    unknown = set(config) - set(CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"unknown embedder config keys {sorted(unknown)}; use {CONFIG_KEYS}")
+    backbone = create_backbone(config.get("backbone") or {"kind": "default"})
+    return TileEmbedder(
+        backbone,
+        templates=config.get("templates"),
+        max_text_tokens=config.get("max_text_tokens", 64),
+    )
+
+
+def load_embedder(path_or_hf_id: str | Path, device: str = "cpu") -> TileEmbedder:
+    """A saved embedder folder, or a raw HF MLLM (id or folder) wrapped with default settings."""
+    folder = Path(path_or_hf_id)
+    if (folder / "config.yaml").is_file():
+        config, backbone = read_folder(folder)
+        embedder = TileEmbedder(
+            backbone, templates=config["templates"], max_text_tokens=config["max_text_tokens"]
+        )
+        load_model(embedder, str(folder / "model.safetensors"))
+    elif folder.exists() and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is neither an embedder folder nor an HF model folder")
+    else:
+        from retrieval.backbones.hf import pretrained_spec
+
+        embedder = create_embedder({"backbone": pretrained_spec(str(path_or_hf_id))})
+    return embedder.to(device).eval()

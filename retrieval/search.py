@@ -1,0 +1,154 @@
+"""Text / tile / image queries against a tile index, optional reranking, GeoJSON + thumbnails.
+
+The embedder is loaded from the reference stored in the index (or one given explicitly) and its
+fingerprint must match the index's: vectors of two models are not comparable. A tile query
+(`like`) reuses the tile's stored vector, so it needs no model at all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from geoseg.build.writers import atomic_path
+from geoseg.plot import plot_thumbnails
+from retrieval.data import read_rgb, tile_rgb
+from retrieval.index import Filters, SearchIndexError, TileIndex, open_embedder
+from retrieval.rerank import RERANK_TOP
+
+"""The paper reranks the embedder's top-5 pointwise (papers.md §2.4)."""
+
+
+@dataclass
+class Hit:
+    """One ranked result; `score` is the embedding dot product, `rerank` the reranker's."""
+
+    rank: int
+    tile_id: str
+    score: float
+    properties: dict[str, Any]
+    geometry: dict[str, Any]
+    rerank: float | None = None
+
+
+@dataclass
+class Query:
+    """Exactly one of text / like (tile id) / image (GeoTIFF path)."""
+
+    text: str | None = None
+    like: str | None = None
+    image: Path | None = None
+    filters: Filters = field(default_factory=Filters)
+
+    def validate(self) -> None:
+        given = [v for v in (self.text, self.like, self.image) if v is not None]
+        if len(given) != 1:
+            raise SearchIndexError("give exactly one of a text query, --like TILE_ID, --image FILE")
+        if self.text is not None and not self.text.strip():
+            raise SearchIndexError("empty query text")
+        if self.image is not None and not Path(self.image).is_file():
+            raise SearchIndexError(f"image {self.image} not found")
+
+
+def search(
+    index: TileIndex,
+    query: Query,
+    k: int = 20,
+    *,
+    model: str | Path | None = None,
+    reranker: str | Path | None = None,
+    device: str = "cpu",
+) -> list[Hit]:
+    """Top-k tiles for a query; with `reranker`, the top-5 are re-ordered by its scores."""
+    query.validate()
+    if k < 1:
+        raise SearchIndexError("k must be >= 1")
+    if reranker is not None and query.text is None:
+        raise SearchIndexError("reranking needs a text query")
+    exclude: tuple[str, ...] = ()
+    if query.like is not None:
+        vector = index.vector(query.like)
+        exclude = (query.like,)
+    else:
+        embedder = open_embedder(model or index.meta["model"], device=device)
+        index.check_model(embedder.fingerprint)
+        with torch.inference_mode():
+            if query.text is not None:
+                vector = embedder.embed_queries([query.text.strip()])[0]
+            else:
+                vector = embedder.embed_tiles(read_rgb(Path(query.image))[None].to(device))[0]
+        vector = vector.float().cpu().numpy()
+    pairs = index.search(vector[None], k, query.filters, exclude=exclude)[0]
+    hits = [_hit(index, rank, row, score) for rank, (row, score) in enumerate(pairs, 1)]
+    if reranker is not None and hits:
+        hits = rerank(index, query.text or "", hits, reranker, device)
+    return hits
+
+
+def _hit(index: TileIndex, rank: int, row: int, score: float) -> Hit:
+    record = index.tiles.iloc[row]
+    props = {
+        k: _plain(v)
+        for k, v in record.items()
+        if k != "geometry" and not (isinstance(v, float) and np.isnan(v))
+    }
+    geometry = json.loads(json.dumps(record.geometry.__geo_interface__))
+    return Hit(rank, record["tile_id"], score, props, geometry)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def rerank(
+    index: TileIndex, text: str, hits: list[Hit], path: str | Path, device: str = "cpu"
+) -> list[Hit]:
+    """Re-order the top `RERANK_TOP` hits by the reranker's relevance score."""
+    from retrieval.rerank import load_reranker
+
+    reranker = load_reranker(path, device=device)
+    head = hits[:RERANK_TOP]
+    images = torch.stack([tile_rgb(index.data, h.tile_id) for h in head]).to(device)
+    with torch.inference_mode():
+        scores = reranker.score(text, images).float().cpu().tolist()
+    for h, s in zip(head, scores, strict=True):
+        h.rerank = float(s)
+    ordered = sorted(head, key=lambda h: -(h.rerank or 0.0)) + hits[RERANK_TOP:]
+    for rank, h in enumerate(ordered, 1):
+        h.rank = rank
+    return ordered
+
+
+def write_geojson(hits: list[Hit], path: Path, query: dict[str, Any]) -> None:
+    """Ranked hits as a GeoJSON FeatureCollection (lon/lat tile outlines), written atomically."""
+    collection = {
+        "type": "FeatureCollection",
+        "query": query,
+        "features": [
+            {
+                "type": "Feature",
+                "id": h.tile_id,
+                "geometry": h.geometry,
+                "properties": {"rank": h.rank, "score": h.score, "rerank_score": h.rerank}
+                | h.properties,
+            }
+            for h in hits
+        ],
+    }
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(json.dumps(collection) + "\n")
+
+
+def write_thumbnails(hits: list[Hit], data: Path, path: Path, title: str, cols: int = 5) -> None:
+    """A PNG grid of the hits' RGB tiles with rank, score and tile id."""
+    titles = [f"#{h.rank} {h.score:.3f}\n{h.tile_id}" for h in hits]
+    fig = plot_thumbnails(data, [h.tile_id for h in hits], titles, cols=cols)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")

@@ -1,0 +1,301 @@
+"""Tile index and search on the real sample build with a small random-init embedder.
+
+Covers the round trip (stored vectors = the model's embeddings), metadata filters on the exact
+and the IVF path, resume after a crash, refusal of another model's index, GeoJSON/PNG outputs,
+the evaluation table and the CLI's one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import retrieval.index as rindex
+from geoseg.cli import main
+from retrieval.data import load_tiles, tile_rgb
+from retrieval.embedder import TileEmbedder, create_embedder, load_embedder
+from retrieval.evaluate import evaluate_retrieval
+from retrieval.index import Filters, SearchIndexError, TileIndex, build_index
+from retrieval.search import Query, search, write_geojson, write_thumbnails
+
+TINY = {
+    "backbone": {
+        "kind": "default",
+        "vision_width": 32,
+        "vision_layers": 1,
+        "vision_heads": 2,
+        "lm_layers": 1,
+    }
+}
+SHARD = 50  # 129 sample tiles -> 3 shards, so resuming has something to skip
+
+
+def save_embedder(folder: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    create_embedder(TINY).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def build(sample_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the sample build: load_tiles writes its stats cache into the folder."""
+    return Path(shutil.copytree(sample_build, tmp_path_factory.mktemp("ridx") / "build"))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_embedder(tmp_path_factory.mktemp("emb") / "embedder", seed=0)
+
+
+@pytest.fixture(scope="module")
+def embedder(model: Path) -> TileEmbedder:
+    return load_embedder(model)
+
+
+@pytest.fixture(scope="module")
+def index(build: Path, model: Path, embedder: TileEmbedder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("idx") / "flat"
+    return build_index(
+        build, embedder, out, model=str(model), batch_size=16, shard_size=SHARD, progress=False
+    )
+
+
+class Counting:
+    """Wraps an embedder, counts embedded tiles and can fail after some batches (a crash)."""
+
+    def __init__(self, inner: TileEmbedder, fail_after: int | None = None):
+        self.inner, self.fail_after, self.tiles, self.batches = inner, fail_after, 0, 0
+        self.dim, self.fingerprint = inner.dim, inner.fingerprint
+
+    def embed_tiles(self, images: torch.Tensor, texts: list[str] | None = None) -> torch.Tensor:
+        if self.fail_after is not None and self.batches >= self.fail_after:
+            raise RuntimeError("killed")
+        self.batches += 1
+        self.tiles += len(images)
+        return self.inner.embed_tiles(images, texts)
+
+
+def test_round_trip_vectors_and_metadata(index: Path, build: Path, embedder: TileEmbedder):
+    idx = TileIndex.open(index)
+    tiles = load_tiles(build)
+    assert idx.meta["kind"] == "flat" and idx.meta["count"] == len(tiles) == idx.faiss.ntotal
+    meta = gpd.read_parquet(index / rindex.METADATA_FILE)
+    assert meta.crs.to_epsg() == 4326
+    assert list(meta["tile_id"]) == [t.tile_id for t in tiles]
+    some = tiles[7]
+    with torch.inference_mode():
+        expected = embedder.embed_tiles(tile_rgb(build, some.tile_id)[None])[0].numpy()
+    np.testing.assert_allclose(idx.vector(some.tile_id), expected, atol=1e-5)
+    (row, score), *_ = idx.search(expected[None], 3)[0]
+    assert idx.tiles["tile_id"][row] == some.tile_id and score == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(SearchIndexError, match="unknown tile id 'nope'"):
+        idx.vector("nope")
+
+
+def brute_force(idx: TileIndex, query: np.ndarray, mask: np.ndarray, k: int) -> list[int]:
+    vectors = idx.vectors
+    scores = np.where(mask, vectors @ query, -np.inf)
+    return [int(i) for i in np.argsort(-scores, kind="stable")[: min(k, int(mask.sum()))]]
+
+
+def test_filters_on_the_exact_and_the_ivf_path(index: Path, build, embedder, tmp_path, monkeypatch):
+    # Same shards, IVF structure: a rerun only rebuilds the faiss index (nothing re-embedded).
+    ivf_dir = Path(shutil.copytree(index, tmp_path / "ivf"))
+    counting = Counting(embedder)
+    build_index(build, counting, ivf_dir, model="m", shard_size=SHARD, kind="ivf", progress=False)
+    assert counting.tiles == 0
+    monkeypatch.setattr(rindex, "EXACT_SUBSET_MAX", 0)  # force the IVF + IDSelector path
+    flat, ivf = TileIndex.open(index), TileIndex.open(ivf_dir)
+    assert ivf.meta["kind"] == "ivf"
+    t = flat.tiles
+    west = t["west"].quantile(0.3)
+    bbox = (west, t["south"].min(), t["east"].max(), t["north"].max())
+    query = flat.vector(t["tile_id"][0])
+    cases = [Filters(bbox=bbox), Filters(split="val"), Filters(bbox=bbox, split="train")]
+    for filters in cases:
+        mask = filters.mask(t)
+        assert 0 < mask.sum() < len(t)
+        expected = brute_force(flat, query, mask, 10)
+        for idx in (flat, ivf):
+            rows = [r for r, _ in idx.search(query[None], 10, filters)[0]]
+            assert len(rows) == len(expected)
+            assert mask[rows].all()
+            if idx is flat:
+                assert rows == expected
+        assert (t["east"][mask] >= west).all() if filters.bbox else True
+    assert flat.search(query[None], 5, Filters(year=1900)) == [[]]
+
+
+def test_resume_after_a_crash_embeds_only_the_rest(build, model, embedder, tmp_path, index):
+    out = tmp_path / "idx"
+    crashing = Counting(embedder, fail_after=4)  # 16-tile batches: dies inside shard 2 of 3
+    with pytest.raises(RuntimeError, match="killed"):
+        build_index(
+            build, crashing, out, model=str(model), batch_size=16, shard_size=SHARD, progress=False
+        )
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000.npz"]
+    with pytest.raises(SearchIndexError, match="incomplete"):
+        TileIndex.open(out)
+    rest = Counting(embedder)
+    build_index(build, rest, out, model=str(model), batch_size=16, shard_size=SHARD, progress=False)
+    assert rest.tiles == 129 - SHARD
+    np.testing.assert_allclose(
+        TileIndex.open(out).faiss.reconstruct_n(0, 129),
+        TileIndex.open(index).vectors,
+        atol=1e-5,
+    )
+
+
+def test_another_model_is_refused(index: Path, build, tmp_path):
+    other_dir = save_embedder(tmp_path / "other", seed=1)
+    other = load_embedder(other_dir)
+    with pytest.raises(SearchIndexError, match="another model"):
+        build_index(build, other, index, model=str(other_dir), shard_size=SHARD, progress=False)
+    with pytest.raises(SearchIndexError, match="built with another model"):
+        search(TileIndex.open(index), Query(text="trees"), model=other_dir)
+    res = CliRunner().invoke(
+        main,
+        [
+            "search",
+            "trees",
+            "--index",
+            str(index),
+            "--model",
+            str(other_dir),
+            "--out",
+            str(tmp_path / "h.geojson"),
+        ],
+    )
+    assert res.exit_code == 2
+    assert res.stderr.strip().count("\n") == 0 and "another model" in res.stderr
+
+
+def test_text_search_writes_geojson_and_thumbnails(index: Path, build: Path, tmp_path: Path):
+    idx = TileIndex.open(index)
+    hits = search(idx, Query(text="tall trees on flat terrain", filters=Filters(split="val")), 7)
+    assert [h.rank for h in hits] == list(range(1, 8))
+    assert all(h.properties["split"] == "val" for h in hits)
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    write_geojson(hits, tmp_path / "hits.geojson", {"text": "tall trees"})
+    write_thumbnails(hits, build, tmp_path / "hits.png", "tall trees")
+    fc = json.loads((tmp_path / "hits.geojson").read_text())
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 7
+    first = fc["features"][0]
+    assert first["geometry"]["type"] == "Polygon"
+    lon, lat = np.array(first["geometry"]["coordinates"][0]).T
+    props = first["properties"]
+    assert lon.min() == pytest.approx(props["west"]) and lat.max() == pytest.approx(props["north"])
+    assert first["properties"]["rank"] == 1 and first["properties"]["tile_id"] == hits[0].tile_id
+    assert (tmp_path / "hits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_search_like_and_image_and_errors(index: Path, build: Path, tmp_path: Path):
+    runner = CliRunner()
+    tid = TileIndex.open(index).tiles["tile_id"][3]
+    out = tmp_path / "like.geojson"
+    res = runner.invoke(
+        main, ["search", "--like", tid, "--index", str(index), "--k", "4", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    ids = [f["id"] for f in json.loads(out.read_text())["features"]]
+    assert len(ids) == 4 and tid not in ids and out.with_suffix(".png").is_file()
+    image = build / "tiles" / tid / "image.tif"
+    res = runner.invoke(
+        main,
+        [
+            "search",
+            "--image",
+            str(image),
+            "--index",
+            str(index),
+            "--k",
+            "1",
+            "--out",
+            str(tmp_path / "img.geojson"),
+        ],
+    )
+    assert res.exit_code == 0 and tid in res.output  # a tile's own image finds the tile
+    bad = {
+        "empty query": ["search", "  ", "--index", str(index)],
+        "unknown tile id": ["search", "--like", "nope", "--index", str(index)],
+        "exactly one": ["search", "trees", "--like", tid, "--index", str(index)],
+        "needs a text query": [
+            "search",
+            "--like",
+            tid,
+            "--rerank",
+            "--reranker",
+            str(tmp_path),
+            "--index",
+            str(index),
+        ],
+        "not a tile index": ["search", "trees", "--index", str(tmp_path)],
+    }
+    for message, args in bad.items():
+        res = runner.invoke(main, [*args, "--out", str(tmp_path / "x.geojson")])
+        assert res.exit_code == 2, (message, res.output)
+        assert message in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_evaluate_retrieval_table(build: Path, model: Path, tmp_path: Path):
+    rows = evaluate_retrieval(build, [model], tmp_path / "eval")
+    assert len(rows) == 1 and rows[0]["reranker"] is False
+    assert 0 <= rows[0]["recall@1"] <= rows[0]["recall@5"] <= rows[0]["recall@10"] <= 1
+    assert 0 <= rows[0]["ndcg@5"] <= 1
+    table = (tmp_path / "eval" / "table.md").read_text()
+    assert "recall@10" in table and str(model) in table
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["queries"] == len(load_tiles(build, "test"))
+
+
+def test_rerank_reorders_only_the_top_5(index: Path, model: Path, embedder, build, tmp_path):
+    """A run folder (embedder/ + reranker/) as train-retrieval writes it: CLI and evaluation."""
+    from retrieval.rerank import Reranker
+
+    run = model.parent
+    Reranker(embedder.backbone).save(run / "reranker")
+    try:
+        out = tmp_path / "hits.geojson"
+        args = ["search", "tall trees", "--index", str(index), "--k", "8", "--out", str(out)]
+        assert CliRunner().invoke(main, args).exit_code == 0
+        plain = json.loads(out.read_text())["features"]
+        assert CliRunner().invoke(main, [*args, "--rerank"]).exit_code == 0
+        reranked = json.loads(out.read_text())["features"]
+        assert {f["id"] for f in reranked[:5]} == {f["id"] for f in plain[:5]}
+        assert [f["id"] for f in reranked[5:]] == [f["id"] for f in plain[5:]]
+        head = [f["properties"]["rerank_score"] for f in reranked[:5]]
+        assert (
+            head == sorted(head, reverse=True) and reranked[5]["properties"]["rerank_score"] is None
+        )
+        rows = evaluate_retrieval(build, [run], tmp_path / "eval")
+        assert [r["reranker"] for r in rows] == [False, True]
+        assert rows[0]["recall@10"] == rows[1]["recall@10"]  # reranking the top 5 keeps the top 10
+    finally:
+        shutil.rmtree(run / "reranker")
+
+
+def test_cli_index_run_folder_and_bad_input(build: Path, model: Path, index: Path, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "idx"
+    args = ["index", "--data", str(build), "--out", str(out), "--no-progress"]
+    res = runner.invoke(main, [*args, "--model", str(model.parent)])  # a run folder
+    assert res.exit_code == 0, res.output
+    assert TileIndex.open(out).meta["model"] == str(model.resolve())
+    res = runner.invoke(main, [*args, "--model", str(model.parent)])
+    assert res.exit_code == 0 and "resuming: 1 of 1 shards" in res.stderr
+    for bad in (
+        [*args, "--model", str(tmp_path / "missing")],
+        ["index", "--data", str(tmp_path), "--model", str(model), "--out", str(tmp_path / "x")],
+        ["index", "--data", str(build), "--model", str(model), "--out", str(index)],  # other shards
+    ):
+        res = runner.invoke(main, bad)
+        assert res.exit_code == 2, res.output
+        assert res.stderr.startswith("geoseg: error: ") and res.stderr.count("\n") == 1

@@ -1,0 +1,106 @@
+"""`train_retrieval` end to end on the real sample build: all stages, outputs, held-out split,
+per-stage resume. One step per stage with a micro model keeps it to seconds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from retrieval.data import load_tiles
+from retrieval.embedder import load_embedder
+from retrieval.rerank import load_reranker
+from retrieval.train import train_retrieval
+
+REPO = Path(__file__).parents[1]
+
+MICRO = {
+    "model": {
+        "backbone": {
+            "kind": "default",
+            "image_size": 32,
+            "patch_size": 8,
+            "vision_width": 32,
+            "vision_layers": 1,
+            "vision_heads": 2,
+            "lm_layers": 1,
+        },
+        "max_text_tokens": 24,
+    },
+    "generative": {"batch_size": 4},
+    "contrastive": {"batch_size": 4},
+    "judge": {"batch_size": 2, "top_k": 6, "hard_negatives": 3},
+    "reranker": {"batch_size": 2, "list_negatives": [2, 3]},
+    "train": {"device": "cpu", "log_every": 1},
+}
+
+
+def stage_events(out: Path) -> list[tuple[str, str]]:
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [
+        (r["stage"], "skipped" if "skipped" in r else "done")
+        for r in records
+        if "step" not in r and ("done" in r or "skipped" in r)
+    ]
+
+
+def test_train_retrieval_all_stages_resume_and_held_out(sample_build: Path, tmp_path: Path):
+    out = train_retrieval(MICRO, sample_build, tmp_path / "run", max_steps=1)
+    assert stage_events(out) == [
+        (s, "done") for s in ("generative", "contrastive", "judge", "reranker")
+    ]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["judge"]["steps"] == 1 and saved["model"]["backbone"]["lm_layers"] == 1
+
+    embedder = load_embedder(out / "embedder")
+    stage3 = load_embedder(out / "stages" / "judge" / "embedder")
+    assert embedder.fingerprint == stage3.fingerprint and embedder.visual_tokens() == 4
+    assert embedder.embed_queries(["tall trees"]).shape == (1, 384)
+    reranker = load_reranker(out / "reranker")
+    assert reranker.score("tall trees", torch.rand(3, 3, 64, 64)).shape == (3,)
+
+    train_ids = {t.tile_id for t in load_tiles(sample_build, "train")}
+    held_out = {t.tile_id for t in load_tiles(sample_build)} - train_ids
+    mined = json.loads((out / "stages" / "contrastive" / "mined.json").read_text())
+    judged = json.loads((out / "stages" / "judge" / "judged.json").read_text())
+    assert set(mined) == train_ids == set(judged) and held_out
+    assert all(q not in negs and set(negs) <= train_ids for q, negs in mined.items())
+    for q, entry in judged.items():
+        found = entry["positives"] + entry["negatives"]
+        assert len(set(found)) == 6 and q not in found and set(found) <= train_ids
+
+    # a rerun skips finished stages; a removed stage is redone
+    shutil.rmtree(out / "stages" / "reranker")
+    (out / "log.jsonl").unlink()
+    train_retrieval(MICRO, sample_build, out, max_steps=1)
+    assert stage_events(out) == [
+        ("generative", "skipped"),
+        ("contrastive", "skipped"),
+        ("judge", "skipped"),
+        ("reranker", "done"),
+    ]
+    with pytest.raises(ValueError, match="another config"):
+        train_retrieval(MICRO, sample_build, out, max_steps=2)
+    with pytest.raises(ValueError, match="unknown stages"):
+        train_retrieval(MICRO, sample_build, out, stages=("pretrain",))
+
+
+def test_shipped_retrieval_configs_resolve():
+    from retrieval.train import resolve_config
+
+    tiny = resolve_config(REPO / "configs" / "retrieval-tiny.yaml", None)
+    full = resolve_config(REPO / "configs" / "retrieval.yaml", None)
+    assert tiny["model"]["backbone"]["kind"] == "default"
+    assert full["model"]["backbone"]["kind"] == "internvl" and full["contrastive"]["lora"]
+    with pytest.raises(ValueError, match="unknown keys"):
+        resolve_config({"judge": {"topk": 20}}, None)
+
+
+def test_bad_data_fails_before_writing_the_run(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="build-dataset"):
+        train_retrieval(MICRO, tmp_path / "missing", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
