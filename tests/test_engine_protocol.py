@@ -1,0 +1,180 @@
+"""The engine protocol (geoseg/protocol.py) and `python -m geoseg.engine` via the plugin's client.
+
+The client is the QGIS plugin's own engine_client (standard library only), so these tests run the
+exact code QGIS runs, minus QGIS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from geoseg.cli import main
+from geoseg.engine import options_argv
+from geoseg.protocol import (
+    PREFIX,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    decode,
+    encode,
+    message,
+    request,
+)
+from qgis_plugin.geoseg_qgis.engine_client import EngineError, run_engine
+
+ROOT = Path(__file__).parents[1]
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+NOISY_STARTUP = """
+import atexit, os
+os.write(1, b'noise before the engine starts {"type": "result"}\\n')
+atexit.register(lambda: os.write(1, b"@geoseg-protoco noise at exit\\n"))
+"""
+
+
+@pytest.fixture()
+def engine_env(tmp_path: Path) -> dict[str, str]:
+    """Engine environment with its own state folder and a sitecustomize that writes to fd 1."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(NOISY_STARTUP)
+    return {
+        **os.environ,
+        "PYTHONPATH": str(tmp_path / "site"),
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+    }
+
+
+def collect(python: str, req: dict[str, Any], env: dict[str, str], **kw: Any) -> tuple[Any, list]:
+    seen: list[dict[str, Any]] = []
+    try:
+        reply: Any = run_engine(python, req, seen.append, env=env, **kw)
+    except EngineError as exc:
+        reply = exc
+    return reply, seen
+
+
+def test_message_round_trip() -> None:
+    for msg in (
+        request("train", {"max_steps": 2}, "cpu", []),
+        message("progress", percent=12.5, stage="Epoch 0"),
+        message("log", level="info", message="ünïcode ✓"),
+        message("result", op="predict", summary="ok", outputs={"out": "/x.tif"}),
+        message("error", code="failed", message="no tiles", fix=None),
+    ):
+        line = encode(msg)
+        assert line.startswith(PREFIX) and line.endswith("\n") and line.count("\n") == 1
+        assert decode(line) == msg and msg["v"] == PROTOCOL_VERSION
+
+
+def test_decode_ignores_noise_and_rejects_bad_lines() -> None:
+    assert decode('{"v": 1, "type": "result"}\n') is None  # no prefix: library noise
+    assert decode("Epoch 0: 100%|####|\n") is None
+    with pytest.raises(ProtocolError, match="malformed"):
+        decode(PREFIX + "{not json\n")
+    with pytest.raises(ProtocolError, match="version 99"):
+        decode(PREFIX + json.dumps({"v": 99, "type": "log"}) + "\n")
+    with pytest.raises(ProtocolError):
+        message("error", code="oops", message="x")
+    with pytest.raises(ProtocolError):
+        message("hello")
+
+
+def test_options_argv() -> None:
+    args = {"max_steps": 4, "no_progress": True, "dry": False, "vector": None, "bbox": [1, 2, 3, 4]}
+    assert options_argv(args) == ["--max-steps", "4", "--no-progress", "--bbox", "1", "2", "3", "4"]
+
+
+def test_diagnostics_through_stdout_noise(engine_env: dict[str, str]) -> None:
+    """Noise on fd 1 before and after the engine runs does not reach or break the protocol."""
+    reply, _ = collect(PYTHON, request("diagnostics"), engine_env)
+    assert isinstance(reply, dict), reply
+    report = reply["outputs"]
+    assert report["device"] == "cpu" and report["protocol"] == PROTOCOL_VERSION
+    assert report["versions"]["torch"] and "predict" in report["ops"]
+    assert report["executable"] == PYTHON and report["last_error"] is None
+
+
+def test_errors_are_reported_and_remembered(engine_env: dict[str, str], tmp_path: Path) -> None:
+    """The CLI's one-line error comes back as the message; diagnostics shows the last one."""
+    args = {"config": str(ROOT / "configs" / "ikdnet-tiny.yaml"), "data": str(tmp_path)}
+    reply, _ = collect(PYTHON, request("train", {**args, "out": str(tmp_path / "run")}), engine_env)
+    assert isinstance(reply, EngineError) and reply.code == "bad_input"
+    assert (
+        str(reply)
+        == f"{tmp_path}/index.parquet not found; is {tmp_path} a geoseg build-dataset output?"
+    )
+    unknown, _ = collect(PYTHON, request("fly", {}), engine_env)
+    assert unknown.code == "bad_input" and "it knows: diagnostics" in str(unknown)
+    report, _ = collect(PYTHON, request("diagnostics"), engine_env)
+    assert report["outputs"]["last_error"]["op"] == "fly"
+
+
+def test_incompatible_or_missing_engine(engine_env: dict[str, str], tmp_path: Path) -> None:
+    future = {**request("diagnostics"), "v": PROTOCOL_VERSION + 1}
+    reply, _ = collect(PYTHON, future, engine_env)
+    assert reply.code == "protocol" and "pip install -U geoseg" in str(reply)
+    missing, _ = collect(str(tmp_path / "nope" / "python"), request("diagnostics"), engine_env)
+    assert missing.code == "missing" and "geoseg qgis install" in str(missing)
+
+
+@pytest.mark.slow
+def test_cancel_stops_training_promptly(
+    sample_build: Path, engine_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Cancel after the first progress message: the engine stops, the run folder stays."""
+    cancel = threading.Event()
+    seen: list[dict[str, Any]] = []
+
+    def on_message(msg: dict[str, Any]) -> None:
+        seen.append(msg)
+        if msg["type"] == "progress":
+            cancel.set()
+
+    args = {
+        "config": str(ROOT / "configs" / "ikdnet-tiny.yaml"),
+        "data": str(sample_build),
+        "max_steps": 100000,
+        "out": str(tmp_path / "run"),
+    }
+    started = [0.0]
+
+    def cancelled() -> bool:
+        if cancel.is_set() and not started[0]:
+            started[0] = time.monotonic()
+        return cancel.is_set()
+
+    with pytest.raises(EngineError, match="cancelled") as info:
+        run_engine(PYTHON, request("train", args), on_message, cancelled, env=engine_env)
+    assert info.value.code == "cancelled"
+    assert time.monotonic() - started[0] < 15  # graceful stop, not the kill after the grace
+    assert (tmp_path / "run" / "config.yaml").exists()
+    assert any(m["type"] == "log" for m in seen)
+
+
+def test_qgis_package_and_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = CliRunner()
+    res = runner.invoke(main, ["qgis", "package", "--out", str(tmp_path / "p.zip")])
+    assert res.exit_code == 0, res.output
+    with zipfile.ZipFile(tmp_path / "p.zip") as zf:
+        names = set(zf.namelist())
+        shipped = zf.read("geoseg_qgis/protocol.py")
+        engine = json.loads(zf.read("geoseg_qgis/engine.json"))
+    assert {"geoseg_qgis/metadata.txt", "geoseg_qgis/plugin.py", "geoseg_qgis/icon.png"} <= names
+    assert not any("__pycache__" in n or "/tests/" in n for n in names)
+    assert shipped == (ROOT / "geoseg" / "protocol.py").read_bytes()
+    assert Path(engine["engine_python"]).name.startswith("python")
+
+    monkeypatch.setenv("QGIS_CUSTOM_CONFIG_PATH", str(tmp_path / "qgis"))
+    for _ in range(2):  # a reinstall replaces the old copy
+        res = runner.invoke(main, ["qgis", "install", "--profile", "ci"])
+        assert res.exit_code == 0, res.output
+    plugin = tmp_path / "qgis" / "profiles" / "ci" / "python" / "plugins" / "geoseg_qgis"
+    assert (plugin / "metadata.txt").exists() and (plugin / "engine.json").exists()
+    assert sorted(p.name for p in plugin.parent.iterdir()) == ["geoseg_qgis"]
