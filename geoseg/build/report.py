@@ -136,12 +136,7 @@ def _markdown(report: dict[str, Any], stats: dict[str, Any]) -> str:
 
 def write_preview(out: Path, manifests: list[dict[str, Any]], n: int = 4) -> None:
     """A PNG of image / label / DSM for up to `n` tiles showing the most classes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import rasterio
-    from matplotlib.colors import ListedColormap
+    from geoseg.plot import plot_tiles  # matplotlib: only when a preview is drawn
 
     if not manifests:
         return
@@ -151,32 +146,8 @@ def write_preview(out: Path, manifests: list[dict[str, Any]], n: int = 4) -> Non
     for m in ranked:
         by_grid.setdefault(m["tile"]["epsg"], []).append(m["tile_id"])
     picks = [t for group in zip_longest(*by_grid.values()) for t in group if t][:n]
-    cmap = ListedColormap([np.array(CLASS_COLORS[k][:3]) / 255 for k in range(len(CLASS_NAMES))])
-    fig, axes = plt.subplots(len(picks), 3, figsize=(9, 3 * len(picks)), squeeze=False)
-    for row, tid in zip(axes, picks, strict=True):
-        folder = out / "tiles" / tid
-        with rasterio.open(folder / "image.tif") as src:
-            rgb = np.moveaxis(src.read([1, 2, 3]), 0, -1)
-        with rasterio.open(folder / "label.tif") as src:
-            label = src.read(1)
-        with rasterio.open(folder / "dsm.tif") as src:
-            dsm = src.read(1, masked=True)
-        row[0].imshow(rgb)
-        row[1].imshow(label, cmap=cmap, vmin=0, vmax=len(CLASS_NAMES) - 1, interpolation="nearest")
-        row[2].imshow(dsm, cmap="viridis")
-        row[0].set_ylabel(tid, fontsize=7)
-        for ax, title in zip(row, ("image (RGB)", "label", "DSM (m)"), strict=True):
-            ax.set_title(title, fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    handles = [
-        plt.Rectangle((0, 0), 1, 1, color=np.array(CLASS_COLORS[k][:3]) / 255)
-        for k in range(len(CLASS_NAMES))
-    ]
-    fig.legend(handles, CLASS_NAMES, loc="lower center", ncol=len(CLASS_NAMES), fontsize=8)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig = plot_tiles(out, picks, panels=("rgb", "label", "dsm"))
     write_bytes_atomic(out / "preview.png", lambda p: fig.savefig(p, dpi=80, format="png"))
-    plt.close(fig)
 
 
 def _variety(manifest: dict[str, Any]) -> tuple[int, int]:
