@@ -8,6 +8,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.geoseg-installed
 DEMO   ?= runs/demo
+# The sample's 0.5 m RGBN scene (Lambert-93 site); its LiDAR comes from the sample STAC API.
+SCENE  := data_catalog/sample/assets/naip/fr_lambert93_0484_6633_050_2024.tif
 
 .PHONY: demo test lint venv clean-demo
 
@@ -28,11 +30,38 @@ demo: venv
 	  --max-steps 150
 	$(BIN)/geoseg evaluate --checkpoint $(DEMO)/run/checkpoints/last.ckpt --data $(DEMO)/data \
 	  --split test --out $(DEMO)/eval
-	@echo "demo outputs: $(DEMO)/data/report.md, $(DEMO)/data/preview.png, $(DEMO)/eval/metrics.json"
+	$(BIN)/geoseg predict --checkpoint $(DEMO)/run/checkpoints/last.ckpt --image $(SCENE) \
+	  --catalog sample --out $(DEMO)/pred.tif --vector $(DEMO)/pred.gpkg
+	$(BIN)/geoseg train-retrieval --config configs/retrieval-tiny.yaml --data $(DEMO)/data \
+	  --out $(DEMO)/retrieval
+	$(BIN)/geoseg index --data $(DEMO)/data --model $(DEMO)/retrieval --out $(DEMO)/index --no-progress
+	$(BIN)/geoseg search "tall trees with some bare ground" --index $(DEMO)/index --k 10 \
+	  --out $(DEMO)/hits.geojson
+	@echo "demo outputs: $(DEMO)/data/report.md, $(DEMO)/data/preview.png, $(DEMO)/eval/metrics.json, $(DEMO)/pred.tif"
+	@echo "tile search: $(DEMO)/hits.geojson, $(DEMO)/hits.png"
 
-test: venv
+# The QGIS plugin tests run in QGIS's own Python (Debian's /usr/bin/python3 + python3-qgis) from a
+# light venv without torch; the plugin talks to the .venv engine as a subprocess (docs/qgis.md).
+QGIS_VENV  ?= .qgis-venv
+QGIS_STAMP := $(QGIS_VENV)/.geoseg-installed
+QGIS_APT   := qgis python3-qgis xvfb python3-venv
+
+$(QGIS_STAMP):
+	@/usr/bin/python3 -c 'import qgis.core' 2>/dev/null && command -v xvfb-run >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] || { echo "QGIS missing: sudo apt-get install -y $(QGIS_APT)"; exit 2; }; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y --no-install-recommends $(QGIS_APT); }
+	@test -x $(QGIS_VENV)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(QGIS_VENV)
+	$(QGIS_VENV)/bin/python -m pip install --quiet pytest==9.2.0 pytest-qgis==5.0.2 \
+	  pytest-timeout==2.4.0 bandit==1.9.4
+	@touch $@
+
+test: venv $(QGIS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra --durations=15
+	$(QGIS_VENV)/bin/bandit -q -r qgis_plugin -lll
+	GEOSEG_ENGINE_PYTHON=$(abspath $(BIN))/python xvfb-run -a \
+	  $(QGIS_VENV)/bin/python -m pytest qgis_plugin/tests -q -ra -p no:cacheprovider --durations=10
 
 lint: venv
 	$(BIN)/ruff check .

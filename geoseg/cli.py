@@ -225,6 +225,18 @@ def evaluate_cmd(checkpoint: Path, data: Path, split: str, batch_size: int, out:
     "--image", required=True, type=click.Path(path_type=Path), help="Georeferenced scene."
 )
 @click.option(
+    "--points",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="LiDAR of the scene (COPC, LAS or LAZ with a CRS); repeat for several files.",
+)
+@click.option("--stac-url", help="Find the scene's COPC points through this STAC API instead.")
+@click.option(
+    "--catalog",
+    type=click.Choice(["planetary-computer", "sample"]),
+    help="Find the scene's COPC points in this catalog (`sample`: the embedded offline one).",
+)
+@click.option(
     "--overlap",
     type=click.FloatRange(0.0, 1.0, max_open=True),
     default=0.25,
@@ -235,28 +247,104 @@ def evaluate_cmd(checkpoint: Path, data: Path, split: str, batch_size: int, out:
 @click.option("--vector", type=click.Path(path_type=Path), help="Also write class polygons (GPKG).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Class-map COG.")
 def predict_cmd(
-    checkpoint: Path, image: Path, overlap: float, batch_size: int, vector: Path | None, out: Path
+    checkpoint: Path,
+    image: Path,
+    points: tuple[Path, ...],
+    stac_url: str | None,
+    catalog: str | None,
+    overlap: float,
+    batch_size: int,
+    vector: Path | None,
+    out: Path,
 ) -> None:
-    """Class map of a whole scene with an image-only checkpoint (sliding windows, blended).
+    """Class map of a whole scene (sliding windows, blended seams), with its LiDAR if needed.
 
     Writes a uint8 COG with the class palette (0 where the scene is nodata), a STAC Item
     (<out>.json) beside it and, with --vector, one polygon per class region as a GeoPackage.
-    The scene's bands must be the checkpoint's bands in order, at its pixel size (within 10 %).
+    The scene's bands must be the checkpoint's image bands in order, at its pixel size (within
+    10 %). IKD-Net, RandLA-Net and early fusion also need the scene's points: --points files, or
+    the COPC items of --stac-url / --catalog covering the scene.
     """
     from geoseg.predict import PredictError, predict
+    from geoseg.stac.client import StacError
     from geoseg.train.task import CheckpointError
 
     try:
         item = predict(
-            checkpoint, image, out, overlap=overlap, batch_size=batch_size, vector=vector
-        )
+            checkpoint, image, out, points=list(points) or None, stac_url=stac_url,
+            catalog=catalog, overlap=overlap, batch_size=batch_size, vector=vector,
+        )  # fmt: skip
     except (CheckpointError, PredictError) as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
-    shape = item["properties"]["proj:shape"]
+    except StacError as exc:
+        _fail(str(exc), 1)
+    props = item["properties"]
+    shape = props["proj:shape"]
+    skipped = props["geoseg:skipped_windows"]
+    if skipped:
+        click.echo(
+            f"warning: {skipped} of {props['geoseg:windows']} windows had too few points and "
+            "were skipped (nodata where no other window covers)",
+            err=True,
+        )
+    click.echo(f"predicted {shape[0]} x {shape[1]} px on {props['geoseg:device']}: {out}")
+
+
+@main.command("engine")
+def engine_cmd() -> None:
+    """Serve one JSON-lines protocol request from stdin (what the QGIS plugin runs)."""
+    from geoseg.engine import main as serve
+
+    sys.exit(serve())
+
+
+@main.group("qgis")
+def qgis_group() -> None:
+    """The geoseg QGIS plugin: package it, or install it into a QGIS profile."""
+
+
+@qgis_group.command("package")
+@click.option(
+    "--out", default="geoseg_qgis.zip", show_default=True, type=click.Path(path_type=Path)
+)
+@click.option("--no-engine", is_flag=True, help="Do not point the zip at this environment.")
+def qgis_package_cmd(out: Path, no_engine: bool) -> None:
+    """Write the plugin zip for QGIS's plugin manager ("Install from ZIP")."""
+    from geoseg.qgis_install import QgisInstallError, package
+
+    try:
+        package(out, None if no_engine else sys.executable)
+    except QgisInstallError as exc:
+        _fail(str(exc), 1)
+    click.echo(f"plugin zip: {out}")
+
+
+@qgis_group.command("install")
+@click.option("--profile", default="default", show_default=True, help="QGIS user profile.")
+def qgis_install_cmd(profile: str) -> None:
+    """Install the plugin into a QGIS profile, running this environment's Python as its engine."""
+    from geoseg.qgis_install import QgisInstallError, install
+
+    try:
+        target = install(profile)
+    except QgisInstallError as exc:
+        _fail(str(exc), 1)
     click.echo(
-        f"predicted {shape[0]} x {shape[1]} px on {item['properties']['geoseg:device']}: {out}"
+        f"installed {target} (engine {sys.executable}); enable 'geoseg' in "
+        "Plugins > Manage and Install Plugins, or: qgis_process plugins enable geoseg_qgis"
     )
 
+
+def _add_plugin_commands() -> None:
+    """Subcommands registered by other packages (retrieval/) under the `geoseg.commands`
+    entry-point group, so geoseg gains them without importing those packages itself."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="geoseg.commands"):
+        main.add_command(entry.load(), entry.name)
+
+
+_add_plugin_commands()
 
 if __name__ == "__main__":
     main()
