@@ -7,8 +7,9 @@ import torch
 
 from geoseg.classes import CLASS_NAMES
 from geoseg.models import MODELS, IKDNet, UNet, create_model, make_dummy_batch
-from geoseg.models.batch import Batch
+from geoseg.models.batch import Batch, neighbour_indices
 from geoseg.models.fusion import CKG, GKG, DimensionSensor
+from geoseg.models.neighbors import grid_knn
 from geoseg.models.randlanet import (
     LFA,
     AttentivePooling,
@@ -17,6 +18,7 @@ from geoseg.models.randlanet import (
     nearest_upsample,
     random_sample,
 )
+from tests.test_neighbors import assert_same_neighbours
 
 TINY_IMAGE = (8, 16, 16, 32)
 TINY_POINTS = (4, 8, 8, 16)
@@ -210,3 +212,22 @@ def test_create_model_uniform_contract(name: str, batch: Batch) -> None:
 def test_create_model_rejects_unknown_name() -> None:
     with pytest.raises(ValueError, match="unknown model"):
         create_model("segformer")
+
+
+def test_device_pyramid_matches_the_worker_pyramid(batch: Batch) -> None:
+    """`neighbour_indices` on the batched levels with the GPU search (run on CPU here) gives the
+    per-tile cKDTree indices of the workers (up to ties), and the same indices tile by tile."""
+    points = batch["points"]
+    device = neighbour_indices(points["xyz"], k=16, search=grid_knn)
+    xyz = [level.numpy() for level in points["xyz"]]
+    for tile in range(len(batch["image"])):
+        single = neighbour_indices([level[tile] for level in points["xyz"]], 16, grid_knn)
+        for level in range(len(xyz) - 1):
+            pts, kept = xyz[level][tile], xyz[level + 1][tile]
+            queries = {"neighbors": (pts, pts), "sub_idx": (kept, pts), "interp_idx": (pts, kept)}
+            for key, (query, reference) in queries.items():
+                got = device[key][level][tile]
+                assert got.shape == points[key][level][tile].shape, key
+                assert torch.equal(got, single[key][level]), key
+                want = points[key][level][tile].numpy()
+                assert_same_neighbours(query, reference, got.numpy(), want)

@@ -1,24 +1,29 @@
 """The batch every geoseg model consumes and the output dict every model returns.
 
-The dataset layer produces `Batch`; the models never compute neighbourhoods themselves, because
-kNN and sub-sampling are cheap on CPU workers (scipy cKDTree) and awkward on the GPU. Point
+The dataset layer produces `Batch`; the models never compute neighbourhoods themselves. The kNN,
+sub-sampling and interpolation indices come either from DataLoader workers (scipy cKDTree per
+tile) or, when training on a GPU, from `neighbour_indices` on the whole batch on the device
+(`geoseg.models.neighbors.grid_knn`), which keeps 131072-point tiles from starving the GPU. Point
 levels follow RandLA-Net: level l+1 keeps the first N_l // ratio points of level l (the points
 are shuffled once, so "first" is a random sample), and every level carries the (row, col) of its
 points on the image grid halved l times, so point features can be placed under the U-Net maps.
 
-`make_dummy_batch` builds a small, geometrically consistent batch for tests and smoke runs. Its
-exact kNN is a brute-force torch search (scipy is not a dependency): fine for test-sized clouds,
-not for 131072-point tiles, where the dataset layer should use a KD-tree.
+`make_dummy_batch` builds a small, geometrically consistent batch for tests and smoke runs.
 """
 
 from __future__ import annotations
 
-from typing import TypedDict
+import itertools
+from collections.abc import Callable, Sequence
+from typing import TypedDict, TypeVar
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 from torch import Tensor
+
+from geoseg.models.neighbors import knn
+
+Array = TypeVar("Array", np.ndarray, Tensor)
 
 
 class PointsBatch(TypedDict):
@@ -64,14 +69,40 @@ class ModelOutput(TypedDict):
     gates: list[Tensor] | None
 
 
-def knn(query: np.ndarray, reference: np.ndarray, k: int) -> np.ndarray:
-    """Indices (M, k) of the k nearest reference points of each query point, nearest first.
+def pyramid_levels(
+    xyz: np.ndarray, rowcol: np.ndarray, levels: int = 4, ratio: int = 4, k: int = 16
+) -> dict[str, list[np.ndarray]]:
+    """The `xyz` and `pixels` levels of one shuffled point cloud: the cheap part of the pyramid.
 
-    A KD-tree: ~0.25 s for 131,072 points on 2 CPU cores, where brute force takes ~45 s
-    (docs in shared measurements); GPU neighbour search is a later, separate path.
+    xyz (N, 3) are the network's coordinates; rowcol (N, 2) are the continuous (row, col) image
+    positions of the points at full resolution (e.g. from the geotransform). Level l keeps the
+    first N // ratio^l points; k only checks that every level but the last has k points.
     """
-    _, idx = cKDTree(reference).query(query, k=k, workers=-1)
-    return np.asarray(idx, dtype=np.int64).reshape(len(query), k)
+    n_levels = [len(xyz) // ratio**level for level in range(levels + 1)]
+    if n_levels[-1] < 1 or n_levels[-2] < k:
+        raise ValueError(f"{len(xyz)} points are too few for {levels} levels with k={k}")
+    return {
+        "xyz": [xyz[:n].astype(np.float32) for n in n_levels],
+        "pixels": [np.floor(rowcol[:n] / 2**lv).astype(np.int64) for lv, n in enumerate(n_levels)],
+    }
+
+
+def neighbour_indices(
+    xyz: Sequence[Array], k: int = 16, search: Callable[[Array, Array, int], Array] = knn
+) -> dict[str, list[Array]]:
+    """`neighbors`, `sub_idx` and `interp_idx` of the `xyz` levels of a pyramid.
+
+    Works on one tile's numpy levels (N_l, 3) (DataLoader workers, cKDTree) and on a batch's
+    torch levels (B, N_l, 3) on the training device (`N3CDataModule.on_after_batch_transfer`):
+    `search` is `knn` (dispatching on the array type) or e.g. `grid_knn`.
+    """
+    out: dict[str, list[Array]] = {"neighbors": [], "sub_idx": [], "interp_idx": []}
+    for pts, kept in itertools.pairwise(xyz):
+        neighbors = search(pts, pts, k)
+        out["neighbors"].append(neighbors)
+        out["sub_idx"].append(neighbors[..., : kept.shape[-2], :])
+        out["interp_idx"].append(search(pts, kept, 1))
+    return out
 
 
 def point_pyramid(
@@ -79,28 +110,11 @@ def point_pyramid(
 ) -> dict[str, list[np.ndarray]]:
     """Neighbourhoods, sub-sampling and pixel pyramids of one shuffled point cloud.
 
-    xyz (N, 3) are the coordinates the kNN is computed on; rowcol (N, 2) are the continuous
-    (row, col) image positions of the points at full resolution (e.g. from the geotransform).
-    Returns numpy arrays keyed like `PointsBatch` (without `features`), without batch axis.
+    `pyramid_levels` + `neighbour_indices`: numpy arrays keyed like `PointsBatch` (without
+    `features`), without batch axis.
     """
-    n_levels = [len(xyz) // ratio**level for level in range(levels + 1)]
-    if n_levels[-1] < 1 or n_levels[-2] < k:
-        raise ValueError(f"{len(xyz)} points are too few for {levels} levels with k={k}")
-    out: dict[str, list[np.ndarray]] = {
-        key: [] for key in ("xyz", "neighbors", "sub_idx", "interp_idx", "pixels")
-    }
-    for level, n in enumerate(n_levels):
-        pts = xyz[:n]
-        out["xyz"].append(pts.astype(np.float32))
-        scaled = np.floor(rowcol[:n] / 2**level).astype(np.int64)
-        out["pixels"].append(scaled)
-        if level == levels:
-            break
-        neighbors = knn(pts, pts, k)
-        out["neighbors"].append(neighbors)
-        out["sub_idx"].append(neighbors[: n_levels[level + 1]])
-        out["interp_idx"].append(knn(pts, xyz[: n_levels[level + 1]], 1))
-    return out
+    out = pyramid_levels(xyz, rowcol, levels, ratio, k)
+    return out | neighbour_indices(out["xyz"], k)
 
 
 def make_dummy_batch(
