@@ -1,12 +1,15 @@
 """The training cache on the real sample build: exact pixels, stats.json normalisation, staleness,
-DataLoader workers and one-line errors."""
+DataLoader workers and one-line errors; the points cache: exact thinned points, samples identical
+to the LAZ path, staleness."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import laspy
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,6 +19,11 @@ from torch.utils.data import DataLoader
 
 from geoseg.build.writers import sha256
 from geoseg.datasets import LAYERS, TileCacheDataset, build_cache
+from geoseg.datasets.cache import TileCache
+from geoseg.datasets.n3c import N3CCalifornia, N3CDataModule
+from geoseg.datasets.points import POINT_FIELDS, PointConfig, select_points
+
+CFG = PointConfig(num_points=2048, augment=True)
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +150,10 @@ def test_cache_is_reused_until_a_manifest_changes(sample_build: Path, tmp_path: 
     assert (cache / "image.u8.npy").stat().st_ino != first
     assert np.array_equal(np.load(cache / "image.u8.npy")[0], _read(tile, "image"))
 
-    build_cache(build, "val", layers=("intensity",))  # a layer the cache lacks: rebuilt
-    assert json.loads((cache / "tiles.json").read_text())["layers"].keys() == {"intensity"}
+    build_cache(build, "val", layers=("intensity",))  # a layer the cache lacks: added
+    assert json.loads((cache / "tiles.json").read_text())["layers"].keys() == {
+        "image", "dsm", "intensity"
+    }  # fmt: skip
     assert not list(cache.parent.glob(".tmp-*"))
 
 
@@ -154,7 +164,7 @@ def test_bad_input_gives_one_line_errors(sample_build: Path, train_cache: Path, 
         build_cache(tmp_path / "missing", "train")
     with pytest.raises(FileNotFoundError, match=r"no index\.parquet"):
         build_cache(tmp_path, "train")
-    with pytest.raises(ValueError, match="layers must be a non-empty subset"):
+    with pytest.raises(ValueError, match="layers must be a subset"):
         build_cache(sample_build, "train", out=tmp_path, layers=("rgb",))
     with pytest.raises(FileNotFoundError, match="no training cache"):
         TileCacheDataset(tmp_path, sample_build / "stats.json")
@@ -176,3 +186,101 @@ def test_bad_input_gives_one_line_errors(sample_build: Path, train_cache: Path, 
     (tile / "tile.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"has no tile\.json: unfinished build"):
         build_cache(build, "test")
+
+
+@pytest.fixture(scope="module")
+def val_points(sample_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("points")
+    return build_cache(sample_build, "val", out=out, layers=("image", "label"), point_grid=0.06)
+
+
+def test_points_cache_holds_the_thinned_points_exactly(sample_build: Path, val_points: Path):
+    cache = TileCache(val_points)
+    uncached = N3CCalifornia(sample_build, "val", point_config=CFG)
+    assert cache.tile_ids == uncached.tile_ids and cache.grid_size == CFG.grid_size
+    for i in range(len(cache)):
+        expected = select_points(uncached.read_points(i), CFG.grid_size)
+        got = cache.points(i)
+        assert got.keys() == expected.keys()
+        for name, values in expected.items():
+            assert got[name].dtype == values.dtype, name  # x/y/z float64: no precision lost
+            assert np.array_equal(got[name], values), (i, name)
+    meta = json.loads((val_points / "tiles.json").read_text())
+    assert meta["points"]["fields"]["x"]["file"] == "points.x.f8.bin"
+    with rasterio.open(sample_build / "tiles" / cache.tile_ids[-1] / "label.tif") as src:
+        assert cache.transform(len(cache) - 1) == src.transform
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if isinstance(value, dict):
+            _assert_same(value, b[key])
+        elif isinstance(value, list) and isinstance(value[0], torch.Tensor):
+            assert all(torch.equal(x, y) for x, y in zip(value, b[key], strict=True)), key
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(value, b[key]), key
+        else:
+            assert value == b[key], key
+
+
+def test_cached_samples_equal_the_laz_path(sample_build: Path, val_points: Path):
+    # augmented + seeded: every random draw (sampling, flip, rotation, jitter) must match
+    uncached = N3CCalifornia(sample_build, "val", point_config=CFG, seed=3)
+    cached = N3CCalifornia(sample_build, "val", point_config=CFG, seed=3, cache=val_points)
+    for i in (0, len(cached) - 1):
+        _assert_same(cached[i], uncached[i])
+
+    # the data module builds the caches itself; training draws from torch's RNG
+    kwargs = {"point_config": CFG, "neighbours": False}
+    dm = N3CDataModule(sample_build, **kwargs, cache_dir=val_points.parent)
+    plain = N3CDataModule(sample_build, **kwargs)
+    batches = []
+    for datamodule in (dm, plain):
+        datamodule.setup("fit")
+        torch.manual_seed(0)
+        batches.append(next(iter(datamodule.train_dataloader())))
+    assert dm.datasets["train"].cache is not None
+    _assert_same(*batches)
+    assert "neighbors" not in batches[0]["points"]
+
+
+def test_points_cache_is_rebuilt_when_a_tile_changes(sample_build: Path, tmp_path: Path):
+    build = _copy_build(sample_build, tmp_path / "build")
+    index = pd.read_parquet(build / "index.parquet")
+    tiles = sorted(index.loc[index["split"] == "val", "tile_id"])
+    for tile_id in tiles:
+        shutil.copy(sample_build / "tiles" / tile_id / "points.laz", build / "tiles" / tile_id)
+    cache = build_cache(build, "val", layers=("image", "label"))
+    assert build_cache(build, "val", layers=(), point_grid=0.06) == cache  # points added
+    meta = json.loads((cache / "tiles.json").read_text())
+    assert meta["layers"].keys() == {"image", "label"}  # and the layers kept
+    first = TileCache(cache).points(0)["x"].copy()
+
+    tile = build / "tiles" / tiles[0]
+    las = laspy.read(tile / "points.laz")
+    las.points = las.points[: len(las.points) // 2]
+    las.write(tile / "points.laz")
+    manifest = json.loads((tile / "tile.json").read_text())
+    manifest["files"]["points.laz"]["sha256"] = sha256(tile / "points.laz")
+    (tile / "tile.json").write_text(json.dumps(manifest))
+    build_cache(build, "val", layers=(), point_grid=0.06)
+    rebuilt = json.loads((cache / "tiles.json").read_text())
+    assert rebuilt["fingerprint"] != meta["fingerprint"]
+    assert rebuilt["layers"].keys() == {"image", "label"}  # rebuilt with all it held
+    got = TileCache(cache).points(0)["x"]
+    fields = {name: np.asarray(las[name]) for name in POINT_FIELDS}
+    assert len(got) < len(first) and np.array_equal(got, select_points(fields, 0.06)["x"])
+
+    build_cache(build, "val", layers=(), point_grid=0.5)  # another grid: thinned again
+    assert TileCache(cache).grid_size == 0.5
+    with pytest.raises(ValueError, match=r"thinned at grid_size 0\.5, not 0\.06"):
+        N3CCalifornia(build, "val", point_config=CFG, cache=cache)
+    with pytest.raises(ValueError, match="holds other tiles than split 'test'"):
+        N3CCalifornia(build, "test", point_config=CFG, cache=cache)
+    with pytest.raises(ValueError, match="no points in the cache"):
+        TileCache(build_cache(build, "test", layers=("label",))).points(0)
+    with pytest.raises(ValueError, match="lacks some of the layers"):
+        N3CCalifornia(build, "val", "rgbn+dsm+intensity", replace(CFG, grid_size=0.5), cache=cache)
+    with pytest.raises(ValueError, match="layers must be a subset"):
+        build_cache(build, "val", layers=())

@@ -8,23 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner, Result
 
-from geoseg.cli import main
+from geoseg.datasets.n3c import N3CCalifornia, N3CDataModule, collate
+from geoseg.datasets.points import PointConfig
 from geoseg.train.config import ConfigError, load_config
 from geoseg.train.task import CONTRACT_FORMAT, CheckpointError, load_model
+from tests.utils import cli, one_line_error
 
 TINY = Path(__file__).parents[1] / "configs" / "ikdnet-tiny.yaml"
-
-
-def cli(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(res: Result) -> str:
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("geoseg: error: "), res.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +49,19 @@ def test_rerun_resumes_from_last_checkpoint(run: Path, sample_build: Path, tmp_p
     assert res.exit_code == 0, res.output
     ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and ckpt["epoch"] == 0
+
+
+def test_steps_after_the_last_validation_are_saved(run: Path, sample_build: Path, tmp_path: Path):
+    """A run that stops between validations (step 3, validated every 2) keeps its last step."""
+    resumed = tmp_path / "run"
+    (resumed / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "checkpoints/last.ckpt"):
+        (resumed / name).write_bytes((run / name).read_bytes())
+    res = cli("train", "--config", TINY, "--data", sample_build, "--out", resumed,
+              "--max-steps", "3", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    ckpt = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
 
 
 def test_checkpoint_round_trip_carries_the_contract(run: Path, sample_build: Path):
@@ -126,3 +130,35 @@ def test_load_model_rejects_weights_of_another_model(run: Path, tmp_path: Path):
     torch.save(ckpt, tmp_path / "mismatch.ckpt")
     with pytest.raises(CheckpointError, match="do not match model 'ikdnet'"):
         load_model(tmp_path / "mismatch.ckpt")
+
+
+def test_pyramid_on_the_device_trains_and_matches_the_workers(sample_build: Path, tmp_path: Path):
+    """data.pyramid_device: gpu leaves the kNN to the DataModule's `on_after_batch_transfer` (on
+    CPU here): a run trains and validates with it, and its indices are those of the workers."""
+    config = yaml.safe_load(TINY.read_text())
+    config["data"]["pyramid_device"] = "gpu"
+    path = tmp_path / "device.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    res = cli("train", "--config", path, "--data", sample_build, "--out", out,
+              "--max-steps", "2", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["pyramid_device"] == "gpu"
+
+    cfg = PointConfig(**config["data"]["points"])
+    deferred = N3CCalifornia(sample_build, "val", "rgbn", cfg, seed=0, neighbours=False)
+    batch = collate([deferred[0], deferred[1]])
+    assert not {"neighbors", "sub_idx", "interp_idx"} & set(batch["points"])
+    dm = N3CDataModule(sample_build, point_config=cfg, neighbours=False)
+    dm.on_after_batch_transfer(batch, 0)
+    workers = N3CCalifornia(sample_build, "val", "rgbn", cfg, seed=0)
+    expected = collate([workers[0], workers[1]])["points"]
+    for key in ("xyz", "pixels", "neighbors", "sub_idx", "interp_idx"):
+        assert len(batch["points"][key]) == len(expected[key])
+        for got, want in zip(batch["points"][key], expected[key], strict=True):
+            assert torch.equal(got, want), key
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {pyramid_device: tpu}\n")
+    with pytest.raises(ConfigError, match="pyramid_device"):
+        load_config(bad)

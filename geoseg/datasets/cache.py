@@ -6,13 +6,23 @@ page cache (benchmarks/loading.py: ~30x TorchGeo's on-the-fly reads on 2 cores).
 the source of truth: the cache keeps a fingerprint of the tile manifests (`tile.json`, which hold
 every file's sha256) and is rebuilt when they change.
 
-`<out>/<split>/` holds `tiles.json` (tile order, fingerprint; per layer: band names, nodata, which
-tiles have nodata) and one `<layer>.<u8|f32>.npy` of shape (N, bands, H, W) per layer, e.g.
-`image.u8.npy`.
+`<out>/<split>/` holds `tiles.json` (tile order, fingerprint, geotransforms; per layer: band
+names, nodata, which tiles have nodata) and one `<layer>.<u8|f32>.npy` of shape (N, bands, H, W)
+per layer, e.g. `image.u8.npy`. `TileCacheDataset` serves normalised batches from it; `TileCache`
+gives raw access, for `N3CCalifornia`.
+
+With `point_grid`, it also holds every tile's points after the deterministic part of the point
+pipeline (`select_points`: noise dropped, grid-subsampled), as ragged arrays: one flat raw file
+per LAS field (`points.<field>.<f8|u2|u1>.bin`, tiles concatenated in cache order) and
+`points.offsets.i64.npy` (N + 1 offsets). A training sample then only draws, standardises and
+augments a slice (`sample_points`) instead of decoding a LAZ file and thinning it again: with
+the kNN on the GPU that was ~90 % of a sample's CPU time (docs/benchmarks.md, GPU training).
+x/y/z stay float64, as laspy gives them, so cached and uncached samples are identical.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,21 +33,26 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import laspy
 import numpy as np
 import pandas as pd
 import rasterio
 import torch
+from affine import Affine
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate, get_worker_info
+
+from geoseg.datasets.points import POINT_FIELDS, select_points
 
 LAYERS = ("image", "label", "dsm", "intensity", "num_returns")
 """Raster layers of a tile folder (`tiles/<id>/<layer>.tif`), as build-dataset writes them."""
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Bumped when the layout changes, so an old cache is rebuilt instead of misread."""
 
 MANIFEST = "tile.json"
 META = "tiles.json"
+OFFSETS = "points.offsets.i64.npy"
 
 
 def build_cache(
@@ -46,30 +61,41 @@ def build_cache(
     out: str | Path | None = None,
     layers: Sequence[str] = LAYERS,
     workers: int | None = None,
+    point_grid: float | None = None,
 ) -> Path:
     """Write (or reuse) the training cache of one split; return its folder `<out>/<split>`.
 
-    `out` defaults to `<dataset_dir>/cache`. A cache whose fingerprint matches the current
-    manifests and that holds all `layers` is reused as is; otherwise `workers` threads (GDAL
-    decodes without the GIL) fill a temporary folder that is then renamed into place, so readers
-    never see a half-written cache. Build a given split from one process at a time.
+    `out` defaults to `<dataset_dir>/cache`. `point_grid` also caches the tiles' points, thinned
+    by `select_points` at this grid size (the training `PointConfig.grid_size`); `layers` may then
+    be empty. A cache whose fingerprint matches the current manifests and that holds all `layers`
+    (and points of that grid) is reused as is; otherwise `workers` threads (GDAL decodes without
+    the GIL) fill a temporary folder that is then renamed into place, so readers never see a
+    half-written cache. Build a given split from one process at a time.
     """
     root = Path(dataset_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
-    if not layers or set(layers) - set(LAYERS):
-        raise ValueError(f"layers must be a non-empty subset of {LAYERS}, got {tuple(layers)}")
+    if set(layers) - set(LAYERS) or (not layers and point_grid is None):
+        raise ValueError(
+            f"layers must be a subset of {LAYERS}, non-empty without points, got {tuple(layers)}"
+        )
     tile_ids, folders = _split_tiles(root, split)
     fingerprint = _fingerprint(tile_ids, folders)
     dest = (Path(out) if out is not None else root / "cache") / split
     if (dest / META).is_file():
         meta = json.loads((dest / META).read_text())
-        if (
-            meta.get("format") == CACHE_FORMAT
-            and meta.get("fingerprint") == fingerprint
-            and set(layers) <= set(meta["layers"])
-        ):
-            return dest
+        if meta.get("format") == CACHE_FORMAT:
+            have_grid = meta.get("points", {}).get("grid_size")
+            if (
+                meta.get("fingerprint") == fingerprint
+                and set(layers) <= set(meta["layers"])
+                and point_grid in (None, have_grid)
+            ):
+                return dest
+            # rebuild what the cache held too, not only what this caller reads: its other
+            # readers (image cache, points cache) would otherwise rebuild it back and forth
+            layers = [layer for layer in LAYERS if layer in {*layers, *meta["layers"]}]
+            point_grid = have_grid if point_grid is None else point_grid
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     for stale in dest.parent.glob(f".tmp-{split}-*"):  # left by a killed build
@@ -77,7 +103,13 @@ def build_cache(
     tmp = dest.parent / f".tmp-{split}-{os.getpid()}"
     tmp.mkdir()
     try:
-        meta = _write_arrays(tmp, tile_ids, folders, layers, workers or os.cpu_count() or 1)
+        workers = workers or os.cpu_count() or 1
+        meta = {"layers": {}}
+        if layers:
+            meta |= _write_arrays(tmp, tile_ids, folders, layers, workers)
+        if point_grid is not None:
+            laz = [folder / "points.laz" for folder in folders]
+            meta["points"] = write_points(tmp, tile_ids, laz, point_grid, workers)
         meta |= {"format": CACHE_FORMAT, "split": split, "fingerprint": fingerprint}
         meta["tile_ids"] = tile_ids
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -146,6 +178,8 @@ def _write_arrays(
             shape = (len(tiles), src.count, src.height, src.width)
         arrays[layer] = np.lib.format.open_memmap(folder / name, "w+", dtype, shape)
 
+    transforms: list[tuple[float, ...]] = [()] * len(tiles)
+
     def fill(i: int) -> set[str]:
         """Decode tile i; return the layers in which it has nodata pixels."""
         holes = set()
@@ -159,6 +193,7 @@ def _write_arrays(
                         f" {want}: one cache holds one tile size"
                     )
                 src.read(out=arr[i])
+                transforms[i] = tuple(src.transform)[:6]
             if src.nodata is not None and (arr[i] == src.nodata).any():
                 holes.add(layer)
         return holes
@@ -170,10 +205,118 @@ def _write_arrays(
         # readers mask nodata only in these tiles: full tiles (most of them) skip that pass
         info[layer]["nodata_tiles"] = [i for i, h in enumerate(holes) if layer in h]
     _, _, height, width = next(iter(arrays.values())).shape
-    return {"layers": info, "height": height, "width": width}
+    return {"layers": info, "height": height, "width": width, "transforms": transforms}
 
 
-class TileCacheDataset(Dataset[dict[str, Tensor]]):
+def write_points(
+    folder: Path, tile_ids: Sequence[str], files: Sequence[Path], grid_size: float, workers: int
+) -> dict[str, Any]:
+    """Append every LAZ file's `select_points` output to the ragged arrays in `folder`.
+
+    Returns their metadata. Tiles are decoded by `workers` threads and written in order, so
+    memory holds a few tiles, not the split.
+    """
+
+    def thin(i: int) -> dict[str, np.ndarray]:
+        las = laspy.read(files[i])
+        try:
+            return select_points({name: np.asarray(las[name]) for name in POINT_FIELDS}, grid_size)
+        except ValueError as exc:
+            raise ValueError(f"tile {tile_ids[i]}: {exc}") from None
+
+    counts = [0]
+    fields: dict[str, dict[str, str]] = {}
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(workers) as pool:
+        handles = {}
+        for points in pool.map(thin, range(len(files))):
+            for name, values in points.items():
+                if name not in fields:
+                    fields[name] = {
+                        "file": f"points.{name}.{values.dtype.str[1:]}.bin",
+                        "dtype": values.dtype.str,
+                    }
+                    handles[name] = stack.enter_context(open(folder / fields[name]["file"], "wb"))
+                if values.dtype.str != fields[name]["dtype"]:
+                    raise ValueError(f"{name} is {values.dtype}, not {fields[name]['dtype']}")
+                values.tofile(handles[name])
+            counts.append(len(points["x"]))
+    np.save(folder / OFFSETS, np.cumsum(counts, dtype=np.int64))
+    return {"grid_size": grid_size, "fields": fields, "offsets": OFFSETS}
+
+
+class _PerProcessMaps:
+    """Memory-maps the arrays of `_files` lazily per process (keyed on the pid), so forked
+    DataLoader workers never use a mapping or handle of their parent; pickles (spawn/forkserver
+    workers) carry paths only."""
+
+    _files: dict[str, tuple[Path, str | None]]  # name: (.npy, None) or (raw file, dtype)
+    _pid: int | None = None
+    _arrays: dict[str, np.ndarray]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__ | {"_pid": None, "_arrays": {}}
+
+    def _open(self) -> dict[str, np.ndarray]:
+        if self._pid != os.getpid():
+            self._arrays = {
+                k: np.load(p, mmap_mode="r") if dtype is None else np.memmap(p, dtype, "r")
+                for k, (p, dtype) in self._files.items()
+            }
+            self._pid = os.getpid()
+        return self._arrays
+
+
+class TileCache(_PerProcessMaps):
+    """Raw access to a training cache: a tile's layers as they are in its COGs, its geotransform,
+    and its `select_points` output, all read-only memory-mapped views (no copy until indexed).
+
+    For readers that run their own pipeline on the raw values (`N3CCalifornia`), so that cached
+    and uncached samples are the same by construction.
+    """
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.cache_dir = Path(cache_dir)
+        if not (self.cache_dir / META).is_file():
+            raise FileNotFoundError(f"no training cache in {self.cache_dir}: run build_cache")
+        meta = json.loads((self.cache_dir / META).read_text())
+        self.tile_ids: list[str] = meta["tile_ids"]
+        self.layers: dict[str, dict[str, Any]] = meta["layers"]
+        self._transforms = meta.get("transforms", [])
+        self._files = {
+            layer: (self.cache_dir / f["file"], None) for layer, f in self.layers.items()
+        }
+        self.grid_size: float | None = None
+        if "points" in meta:
+            self.grid_size = meta["points"]["grid_size"]
+            self._offsets = np.load(self.cache_dir / meta["points"]["offsets"])
+            for name, f in meta["points"]["fields"].items():
+                self._files[f"points.{name}"] = (self.cache_dir / f["file"], f["dtype"])
+        self._arrays = {}
+
+    def __len__(self) -> int:
+        return len(self.tile_ids)
+
+    def layer(self, index: int, layer: str) -> np.ndarray:
+        """Tile `index`'s (bands, H, W) pixels of `layer`, as read from its COG."""
+        return self._open()[layer][index]
+
+    def transform(self, index: int) -> Affine:
+        return Affine(*self._transforms[index])
+
+    def points(self, index: int) -> dict[str, np.ndarray]:
+        """Tile `index`'s points after `select_points` (noise dropped, grid-subsampled)."""
+        if self.grid_size is None:
+            raise ValueError(f"no points in the cache {self.cache_dir}: rebuild with point_grid")
+        start, stop = self._offsets[index], self._offsets[index + 1]
+        arrays = self._open()
+        return {
+            name.removeprefix("points."): values[start:stop]
+            for name, values in arrays.items()
+            if name.startswith("points.")
+        }
+
+
+class TileCacheDataset(_PerProcessMaps, Dataset[dict[str, Tensor]]):
     """Samples `{"image": float32 (C, h, w), "mask": int64 (h, w)}` from a training cache.
 
     `image` stacks the bands of `channels` (default R, G, B, NIR, DSM), each normalised with the
@@ -186,8 +329,7 @@ class TileCacheDataset(Dataset[dict[str, Tensor]]):
     With `batch_size`, a DataLoader calls `__getitems__`, which writes a whole batch into one
     tensor per key, in shared memory inside a worker so sending it copies nothing; pass
     `collate_fn=TileCacheDataset.collate` to use it as is (the default collate copies it once).
-    Arrays are memory-mapped lazily per process (keyed on the pid), so forked workers never use
-    a mapping or handle of their parent.
+    Arrays are memory-mapped lazily per process (`_PerProcessMaps`).
     """
 
     def __init__(
@@ -218,7 +360,9 @@ class TileCacheDataset(Dataset[dict[str, Tensor]]):
         self.crop = crop
         self._layer_bands = [(c, b) for c in channels for b in meta["layers"][c]["bands"]]
         self.bands = tuple(band for _, band in self._layer_bands)
-        self._files = {layer: self.cache_dir / meta["layers"][layer]["file"] for layer in layers}
+        self._files = {
+            layer: (self.cache_dir / meta["layers"][layer]["file"], None) for layer in layers
+        }
         self._nodata = {  # layer: (nodata, tiles that have some)
             c: (meta["layers"][c]["nodata"], frozenset(meta["layers"][c]["nodata_tiles"]))
             for c in channels
@@ -227,21 +371,10 @@ class TileCacheDataset(Dataset[dict[str, Tensor]]):
         mean_std = [_mean_std(stats["bands"], layer, band) for layer, band in self._layer_bands]
         self._scale = np.array([1 / std for _, std in mean_std], np.float32)[:, None, None]
         self._shift = np.array([-m / std for m, std in mean_std], np.float32)[:, None, None]
-        self._pid: int | None = None
-        self._arrays: dict[str, np.ndarray] = {}
+        self._arrays = {}
 
     def __len__(self) -> int:
         return len(self.tile_ids)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # spawn/forkserver workers get paths only and map the arrays themselves
-        return self.__dict__ | {"_pid": None, "_arrays": {}}
-
-    def _open(self) -> dict[str, np.ndarray]:
-        if self._pid != os.getpid():
-            self._arrays = {k: np.load(p, mmap_mode="r") for k, p in self._files.items()}
-            self._pid = os.getpid()
-        return self._arrays
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         return {k: v[0] for k, v in self._load([index]).items()}

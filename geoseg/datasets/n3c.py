@@ -26,7 +26,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchgeo.datasets import NonGeoDataset, RasterDataset
 
-from geoseg.datasets.points import PointConfig, prepare_points
+from geoseg.datasets.cache import TileCache, build_cache
+from geoseg.datasets.points import POINT_FIELDS, PointConfig, sample_points, select_points
+from geoseg.models.batch import neighbour_indices
 
 SPLITS = ("train", "val", "test", "buffer")
 """Split names of index.parquet; `buffer` tiles separate the others and are normally unused."""
@@ -44,8 +46,6 @@ BAND_PRESETS: dict[str, tuple[str, ...]] = {
     "rgbn+dsm+intensity": ("red", "green", "blue", "nir", "dsm", "intensity"),
 }
 
-LAS_FIELDS = ("x", "y", "z", "intensity", "return_number", "classification")
-
 
 def _band_layer(band: str) -> tuple[str, int]:
     """(layer, 1-based band index) of a band name."""
@@ -54,6 +54,13 @@ def _band_layer(band: str) -> tuple[str, int]:
             return layer, names.index(band) + 1
     known = [b for names in LAYER_BANDS.values() for b in names]
     raise ValueError(f"unknown band {band!r}; choose from {known} or presets {list(BAND_PRESETS)}")
+
+
+def _band_names(bands: str | Sequence[str]) -> tuple[str, ...]:
+    """Band names of a preset or a list of names."""
+    if isinstance(bands, str) and bands not in BAND_PRESETS:
+        raise ValueError(f"unknown band preset {bands!r}; choose from {list(BAND_PRESETS)}")
+    return BAND_PRESETS[bands] if isinstance(bands, str) else tuple(bands)
 
 
 def split_tiles(root: str | Path, split: str) -> pd.DataFrame:
@@ -89,6 +96,14 @@ class N3CCalifornia(NonGeoDataset):
     seed (seed, i), which suits val/test. With None it is drawn from torch's RNG, which
     DataLoader seeds per worker and epoch, so `lightning.seed_everything` makes training
     reproducible while every epoch sees new samples.
+
+    `neighbours=False` leaves the kNN indices out of `points`: a GPU trainer computes them for
+    the whole batch on the device (`N3CDataModule.on_after_batch_transfer`).
+
+    `cache`: a training cache of this split holding the bands' layers, the label and the points
+    (`build_cache(root, split, point_grid=point_config.grid_size)`); samples then read the pixels
+    from memory maps and slice the thinned points instead of decoding COGs and points.laz, with
+    identical results (the same steps run on the same raw values).
     """
 
     def __init__(
@@ -98,15 +113,15 @@ class N3CCalifornia(NonGeoDataset):
         bands: str | Sequence[str] = "rgbn",
         point_config: PointConfig | None = None,
         seed: int | None = None,
+        neighbours: bool = True,
+        cache: str | Path | None = None,
     ) -> None:
         self.root = Path(root)
         tiles = split_tiles(self.root, split)
         stats_path = self.root / "stats.json"
         if not stats_path.is_file():
             raise FileNotFoundError(f"{stats_path} not found; rebuild with geoseg build-dataset")
-        if isinstance(bands, str) and bands not in BAND_PRESETS:
-            raise ValueError(f"unknown band preset {bands!r}; choose from {list(BAND_PRESETS)}")
-        self.bands = BAND_PRESETS[bands] if isinstance(bands, str) else tuple(bands)
+        self.bands = _band_names(bands)
         if not self.bands:
             raise ValueError("no bands selected")
         self._sources = [_band_layer(b) for b in self.bands]
@@ -119,8 +134,21 @@ class N3CCalifornia(NonGeoDataset):
             raise ValueError(f"tile sizes must be divisible by 2^levels = {step}")
         self.split = split
         self.seed = seed
+        self.neighbours = neighbours
         self.tile_ids: list[str] = tiles["tile_id"].tolist()
         self.folders = [self.root / p for p in tiles["path"]]
+        self.cache = TileCache(cache) if cache is not None else None
+        if self.cache is not None:
+            needed = {*(layer for layer, _ in self._sources), "label"}
+            if self.cache.tile_ids != self.tile_ids:
+                raise ValueError(f"the cache {cache} holds other tiles than split {split!r}")
+            if not needed <= self.cache.layers.keys():
+                raise ValueError(f"the cache {cache} lacks some of the layers {sorted(needed)}")
+            if self.cache.grid_size != self.point_config.grid_size:
+                raise ValueError(
+                    f"the cache {cache} holds points thinned at grid_size {self.cache.grid_size},"
+                    f" not {self.point_config.grid_size}"
+                )
 
     def __len__(self) -> int:
         return len(self.tile_ids)
@@ -130,11 +158,16 @@ class N3CCalifornia(NonGeoDataset):
         layers: dict[str, np.ndarray] = {}
         transform = Affine.identity()
         for layer in dict.fromkeys(layer for layer, _ in self._sources):  # each file once
-            with rasterio.open(self.folders[index] / f"{layer}.tif") as src:
-                data = src.read().astype(np.float32)
-                if src.nodata is not None:
-                    data[data == src.nodata] = np.nan
-                layers[layer], transform = data, src.transform
+            if self.cache is not None:
+                raw, nodata = self.cache.layer(index, layer), self.cache.layers[layer]["nodata"]
+                transform = self.cache.transform(index)
+            else:
+                with rasterio.open(self.folders[index] / f"{layer}.tif") as src:
+                    raw, nodata, transform = src.read(), src.nodata, src.transform
+            data = raw.astype(np.float32)
+            if nodata is not None:
+                data[data == nodata] = np.nan
+            layers[layer] = data
         channels = np.stack([layers[layer][band - 1] for layer, band in self._sources])
         image = (channels - self.mean[:, None, None]) / self.std[:, None, None]
         return np.nan_to_num(image, nan=0.0).astype(np.float32), transform
@@ -142,7 +175,7 @@ class N3CCalifornia(NonGeoDataset):
     def read_points(self, index: int) -> dict[str, np.ndarray]:
         """The LAS fields the point pipeline uses, x/y/z as float64 map coordinates."""
         las = laspy.read(self.folders[index] / "points.laz")
-        return {name: np.asarray(las[name]) for name in LAS_FIELDS}
+        return {name: np.asarray(las[name]) for name in POINT_FIELDS}
 
     def _rng(self, index: int) -> np.random.Generator:
         if self.seed is None:
@@ -151,13 +184,19 @@ class N3CCalifornia(NonGeoDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, transform = self.read_image(index)
-        with rasterio.open(self.folders[index] / "label.tif") as src:
-            mask = src.read(1).astype(np.int64)
+        if self.cache is not None:
+            mask = self.cache.layer(index, "label")[0].astype(np.int64)
+        else:
+            with rasterio.open(self.folders[index] / "label.tif") as src:
+                mask = src.read(1).astype(np.int64)
         rng = self._rng(index)
         flip = self.point_config.augment and bool(rng.random() < 0.5)
-        pts = prepare_points(
-            self.read_points(index), transform, mask.shape, self.point_config, rng, flip=flip
-        )
+        cfg = self.point_config
+        if self.cache is not None:
+            points = self.cache.points(index)
+        else:
+            points = select_points(self.read_points(index), cfg.grid_size)
+        pts = sample_points(points, transform, mask.shape, cfg, rng, flip, self.neighbours)
         if flip:
             image, mask = image[..., ::-1].copy(), mask[..., ::-1].copy()
         labels = pts.pop("labels")
@@ -218,7 +257,13 @@ class N3CLabel(RasterDataset):
 
 
 class N3CDataModule(L.LightningDataModule):
-    """train/val/test loaders of one build; val and test are seeded, train is augmented."""
+    """train/val/test loaders of one build; val and test are seeded, train is augmented.
+
+    `neighbours=False`: the workers skip the kNN indices (see `N3CCalifornia`) and
+    `on_after_batch_transfer` computes them for the whole batch on the training device.
+    `cache_dir`: read tiles from a training cache there (`<cache_dir>/<split>`), built on
+    `setup` if missing or stale; build it from one process (`geoseg train` does, before DDP).
+    """
 
     def __init__(
         self,
@@ -228,6 +273,8 @@ class N3CDataModule(L.LightningDataModule):
         bands: str | Sequence[str] = "rgbn",
         point_config: PointConfig | None = None,
         seed: int = 0,
+        neighbours: bool = True,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -236,13 +283,21 @@ class N3CDataModule(L.LightningDataModule):
         self.bands = bands
         self.point_config = point_config or PointConfig(augment=True)
         self.seed = seed
+        self.neighbours = neighbours
+        self.cache_dir = cache_dir
         self.datasets: dict[str, N3CCalifornia] = {}
 
     def _dataset(self, split: str) -> N3CCalifornia:
-        if split == "train":
-            return N3CCalifornia(self.root, split, self.bands, self.point_config)
-        evaluation = replace(self.point_config, augment=False)
-        return N3CCalifornia(self.root, split, self.bands, evaluation, seed=self.seed)
+        cache = None
+        if self.cache_dir is not None:
+            bands = _band_names(self.bands)
+            layers = [*dict.fromkeys(_band_layer(band)[0] for band in bands), "label"]
+            grid = self.point_config.grid_size
+            cache = build_cache(self.root, split, self.cache_dir, layers, point_grid=grid)
+        train = split == "train"
+        cfg = self.point_config if train else replace(self.point_config, augment=False)
+        seed = None if train else self.seed
+        return N3CCalifornia(self.root, split, self.bands, cfg, seed, self.neighbours, cache)
 
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
@@ -259,6 +314,13 @@ class N3CDataModule(L.LightningDataModule):
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
         )
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> Any:
+        """The kNN indices the workers left out, batched on the device the batch is on."""
+        points = batch["points"]
+        if "neighbors" not in points:
+            points.update(neighbour_indices(points["xyz"], self.point_config.k))
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

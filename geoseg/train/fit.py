@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from geoseg.classes import CLASS_COLORS, CLASS_NAMES
@@ -25,6 +25,22 @@ from geoseg.models import MODELS
 from geoseg.train.config import ConfigError, DataError, TrainConfig, save_config
 from geoseg.train.losses import class_weights
 from geoseg.train.task import CONTRACT_FORMAT, SegmentationTask
+
+
+class SaveFinalStep(Callback):
+    """Save `last.ckpt` right after the final optimiser step of a `max_steps` run.
+
+    The checkpoint callbacks save at validation and epoch ends only, so the steps after the last
+    validation (all of them, in a run shorter than one validation interval) would be lost. Saving
+    inside the batch loop keeps the loop state mid-epoch, so a resume continues the same epoch.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.save_checkpoint(self.path)
 
 
 def resolve_model_kwargs(cfg: TrainConfig, num_bands: int) -> dict[str, Any]:
@@ -65,11 +81,14 @@ def make_contract(dataset: N3CCalifornia, cfg: TrainConfig, model_kwargs: dict) 
     }
 
 
+def _on_gpu(cfg: TrainConfig) -> bool:
+    return cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def _precision(cfg: TrainConfig) -> str:
     if cfg.trainer.precision != "auto":
         return cfg.trainer.precision
-    on_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if on_gpu else "32-true"
+    return "bf16-mixed" if _on_gpu(cfg) else "32-true"
 
 
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = True) -> Path:
@@ -79,9 +98,12 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = 
     """
     data, out = Path(data), Path(out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.data.pyramid_device == "auto":
+        cfg.data.pyramid_device = "gpu" if _on_gpu(cfg) else "cpu"
     dm = N3CDataModule(
         data, cfg.data.batch_size, cfg.data.num_workers, cfg.data.bands,
-        cfg.data.point_config(), cfg.seed,
+        cfg.data.point_config(), cfg.seed, neighbours=cfg.data.pyramid_device == "cpu",
+        cache_dir=data / "cache" if cfg.data.cache else None,
     )  # fmt: skip
     try:
         dm.setup("fit")
@@ -114,6 +136,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = 
     checkpoints = [
         ModelCheckpoint(out / "checkpoints", filename="best-{step}", monitor="val_loss"),
         ModelCheckpoint(out / "checkpoints", filename="last", enable_version_counter=False),
+        SaveFinalStep(out / "checkpoints" / "last.ckpt"),
     ]
     trainer = L.Trainer(
         default_root_dir=out,
