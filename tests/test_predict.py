@@ -11,28 +11,16 @@ import pytest
 import rasterio
 import torch
 import yaml
-from click.testing import CliRunner, Result
 
 from geoseg.classes import CLASS_COLORS
-from geoseg.cli import main
 from geoseg.models import create_model
 from geoseg.predict import blend_weights, predict, sliding, window_offsets
 from geoseg.train.metrics import predict_labels
 from geoseg.train.task import CONTRACT_KEY, load_model
+from tests.utils import cli, one_line_error
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 OVERLAP = 0.25
-
-
-def cli(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(res: Result) -> str:
-    assert res.exit_code == 2, res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("geoseg: error: "), res.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

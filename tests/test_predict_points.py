@@ -16,12 +16,10 @@ import pytest
 import rasterio
 import torch
 from affine import Affine
-from click.testing import CliRunner, Result
 from pyproj import CRS
 from rasterio.windows import Window
 
 from geoseg.build.points import FIELDS
-from geoseg.cli import main
 from geoseg.datasets.n3c import collate
 from geoseg.datasets.points import PointConfig
 from geoseg.models import create_model
@@ -37,6 +35,7 @@ from geoseg.predict.points import (
 from geoseg.stac.server import sample_catalog_dir
 from geoseg.train.metrics import predict_labels
 from geoseg.train.task import CONTRACT_KEY, load_model
+from tests.utils import cli, one_line_error
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 ASSETS = sample_catalog_dir() / "assets"
@@ -45,17 +44,6 @@ COPC = ASSETS / "3dep-lidar-copc" / "FR_L93_LPC_2024_0484_6633.copc.laz"
 CROP = Window(192, 0, 170, 160)
 OVERLAP = 0.25
 LIDAR_ORDER = ("red", "green", "dsm", "blue", "nir", "intensity")  # LiDAR bands in between
-
-
-def cli(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(res: Result) -> str:
-    assert res.exit_code == 2, res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("geoseg: error: "), res.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
