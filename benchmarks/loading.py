@@ -58,6 +58,7 @@ import rasterio
 import torch
 import torch.nn.functional as F
 import torchgeo
+from machine import cpu_info, cpu_model
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.shutil import copy as rio_copy
@@ -463,15 +464,8 @@ def _fresh_ms(kind: str, nbytes: int, reps: int) -> float:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration):
-        info = dict(
-            (k.strip(), v.strip())
-            for k, _, v in (
-                x.partition(":") for x in Path("/proc/cpuinfo").read_text().splitlines()
-            )
-        )
-        cpu = f"{info['model name']} (family {info['cpu family']}, model {info['model']})"
+    info = cpu_info()
+    cpu = f"{cpu_model()} (family {info.get('cpu family')}, model {info.get('model')})"
     thp = Path("/sys/kernel/mm/transparent_hugepage")
     return {
         "cpu": cpu,

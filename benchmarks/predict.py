@@ -35,6 +35,7 @@ import numpy as np
 import rasterio
 import torch
 import torch.nn.functional as F
+from machine import cpu_model
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
@@ -131,13 +132,8 @@ def child(checkpoint: Path, scene: Path, out: Path) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

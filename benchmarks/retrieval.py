@@ -40,6 +40,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 from retrieval.embedder import TileEmbedder, create_embedder  # noqa: E402
 from retrieval.index import Filters, TileIndex, make_faiss  # noqa: E402
@@ -288,14 +289,8 @@ def _exact_filtered(
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        names = [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines()
-                 if ln.startswith("model name")]  # fmt: skip
-        cpu = names[0] if names else cpu
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "loadavg_at_start": os.getloadavg()[0],
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

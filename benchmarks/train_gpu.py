@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from affine import Affine
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from machine import cpu_model
 from scipy.spatial import cKDTree
 
 from geoseg.datasets import TileCacheDataset, build_cache
@@ -308,15 +309,9 @@ def loading(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-                 if ln.startswith("model name")]  # fmt: skip
-        cpu = names[0] if names else cpu
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
