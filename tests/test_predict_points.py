@@ -27,6 +27,7 @@ from geoseg.predict import sliding, window_offsets
 from geoseg.predict.points import (
     Extent,
     ScenePoints,
+    canonical_order,
     lidar_rasters,
     local_item,
     window_arrays,
@@ -126,7 +127,7 @@ def test_ikdnet_prediction_matches_tilewise_prediction(
     with laspy.CopcReader.open(COPC) as reader:
         corners = np.array(scene_bounds[:2]), np.array(scene_bounds[2:])
         pts = reader.query(bounds=laspy.copc.Bounds(*corners))
-    arrays = {k: np.asarray(pts[k]) for k in FIELDS}
+    arrays = canonical_order({k: np.asarray(pts[k]) for k in FIELDS})
     for top in rows:
         for left in cols:
             window = transform @ Affine.translation(left, top)

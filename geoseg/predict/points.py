@@ -33,7 +33,6 @@ from typing import Any
 import laspy
 import numpy as np
 import shapely
-import torch
 from affine import Affine
 from pyproj import CRS
 from rasterio.warp import transform_bounds
@@ -50,6 +49,7 @@ from geoseg.build.points import (
 )
 from geoseg.build.rasterize import FLOAT_NODATA, rasterize
 from geoseg.classes import NOISE_CODES
+from geoseg.datasets.n3c import points_to_tensors
 from geoseg.datasets.points import PointConfig, prepare_points
 from geoseg.predict.errors import PredictError
 from geoseg.stac.client import PLANETARY_COMPUTER_URL, open_client, search_items
@@ -194,30 +194,39 @@ class ScenePoints:
                     )
 
     def read(self, window: Window) -> dict[str, np.ndarray]:
-        """Points under a pixel window of the scene (build's FIELDS), e.g. one row band."""
+        """Points under a pixel window of the scene (build's FIELDS), e.g. one row band, in
+        canonical order (see `window_arrays`)."""
         extent = Extent(self.crs, window_bounds(window, self.transform))
         top, rows = int(window.row_off), int(window.height)
         first, last = top // self.stripe_rows, (top + rows - 1) // self.stripe_rows
         items = self._copc + [i for s in range(first, last + 1) for i in self._stripes.get(s, [])]
         try:
-            return read_tile_points(extent, items, self.signer).arrays
+            arrays = read_tile_points(extent, items, self.signer).arrays
         except TileError as exc:
             raise PredictError(str(exc)) from None
+        return canonical_order(arrays)
+
+
+def canonical_order(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Points sorted by value: x, then y, z and the other `FIELDS` (see `window_arrays`)."""
+    order = np.lexsort([arrays[k] for k in reversed(FIELDS)])  # lexsort: last key is primary
+    return {k: v[order] for k, v in arrays.items()}
 
 
 def window_arrays(arrays: dict[str, np.ndarray], bounds: Bounds) -> dict[str, np.ndarray]:
-    """The points of a band inside one window (the builder's edge convention), sorted.
+    """The points of a band in `canonical_order` (as `ScenePoints.read` gives it) inside one
+    window (the builder's edge rule).
 
-    Sorted by their values (x, y, z, then the other fields), because grid sub-sampling keeps the
-    first point of a voxel and the random sample draws indices: without a canonical order the
-    sample would depend on how files, COPC nodes or stripes happen to deliver the points.
+    The band comes sorted by value (x, y, z, then the other fields), because grid sub-sampling
+    keeps the first point of a voxel and the random sample draws indices: without a canonical
+    order the sample would depend on how files, COPC nodes or stripes deliver the points. x is
+    the primary key, so a window is a binary-searched slice, and a subset keeps the order.
     """
     xmin, ymin, xmax, ymax = bounds
-    x, y = arrays["x"], arrays["y"]
-    inside = np.flatnonzero((x >= xmin) & (x < xmax) & (y > ymin) & (y <= ymax))
-    keys = [arrays[k][inside] for k in reversed(FIELDS)]  # lexsort: last key is primary
-    order = inside[np.lexsort(keys)]
-    return {k: v[order] for k, v in arrays.items()}
+    lo, hi = np.searchsorted(arrays["x"], [xmin, xmax])
+    y = arrays["y"][lo:hi]
+    keep = lo + np.flatnonzero((y > ymin) & (y <= ymax))
+    return {k: v[keep] for k, v in arrays.items()}
 
 
 def window_rng(seed: int, top: int, left: int) -> np.random.Generator:
@@ -244,12 +253,7 @@ def window_sample(
     """
     pts = prepare_points(arrays, transform, size, cfg, rng)
     pts.pop("labels")
-    return {
-        key: [torch.from_numpy(a) for a in value]
-        if isinstance(value, list)
-        else torch.from_numpy(value)
-        for key, value in pts.items()
-    }
+    return points_to_tensors(pts)
 
 
 def lidar_rasters(

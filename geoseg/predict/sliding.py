@@ -24,7 +24,6 @@ are map products.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -49,7 +48,7 @@ from rasterio.windows import transform as window_transform
 from shapely.geometry import box, mapping, shape
 from torch import nn
 
-from geoseg.build.writers import atomic_path
+from geoseg.build.writers import atomic_path, write_json
 from geoseg.datasets.n3c import collate
 from geoseg.datasets.points import PointConfig
 from geoseg.errors import first_line
@@ -252,8 +251,7 @@ def predict(
         item = _stac_item(out, src, contract, checkpoint, str(device))
     item["properties"]["geoseg:windows"] = engine.windows
     item["properties"]["geoseg:skipped_windows"] = engine.skipped
-    with atomic_path(out.with_suffix(".json")) as tmp_json:
-        tmp_json.write_text(json.dumps(item, indent=2) + "\n")
+    write_json(out.with_suffix(".json"), item)
     if vector is not None:
         _write_vector(out, Path(vector), contract["class_names"])
     return item
@@ -308,7 +306,7 @@ class _Engine:
                     window_rng(self.contract["seed"], top, left),
                 )  # fmt: skip
             if self.lidar:
-                extent = Extent(CRS.from_user_input(src.crs.to_wkt()), bounds, src.res[0], size)
+                extent = Extent(self.points.crs, bounds, src.res[0], size)
                 rasters = lidar_rasters(arrays, extent, self.lidar)
                 values = np.concatenate([values, rasters[:, : window.height, : window.width]])
         values = values[self.order] if self.lidar else values
