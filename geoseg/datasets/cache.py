@@ -33,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import laspy
 import numpy as np
 import pandas as pd
 import rasterio
@@ -42,7 +41,7 @@ from affine import Affine
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from geoseg.datasets.points import POINT_FIELDS, select_points
+from geoseg.datasets.points import read_points, select_points
 
 LAYERS = ("image", "label", "dsm", "intensity", "num_returns")
 """Raster layers of a tile folder (`tiles/<id>/<layer>.tif`), as build-dataset writes them."""
@@ -143,6 +142,13 @@ def _split_tiles(root: Path, split: str) -> tuple[list[str], list[Path]]:
     return list(rows["tile_id"]), folders
 
 
+def _read_meta(cache_dir: Path) -> dict[str, Any]:
+    """A cache's tiles.json, or a one-line error naming the fix."""
+    if not (cache_dir / META).is_file():
+        raise FileNotFoundError(f"no training cache in {cache_dir}: run build_cache")
+    return json.loads((cache_dir / META).read_text())
+
+
 def _fingerprint(tile_ids: list[str], folders: list[Path]) -> str:
     """sha256 over the tile ids and their manifests' bytes (content, not mtimes: a copied or
     resumed build with the same bytes keeps its cache)."""
@@ -218,9 +224,8 @@ def write_points(
     """
 
     def thin(i: int) -> dict[str, np.ndarray]:
-        las = laspy.read(files[i])
         try:
-            return select_points({name: np.asarray(las[name]) for name in POINT_FIELDS}, grid_size)
+            return select_points(read_points(files[i]), grid_size)
         except ValueError as exc:
             raise ValueError(f"tile {tile_ids[i]}: {exc}") from None
 
@@ -276,9 +281,7 @@ class TileCache(_PerProcessMaps):
 
     def __init__(self, cache_dir: str | Path) -> None:
         self.cache_dir = Path(cache_dir)
-        if not (self.cache_dir / META).is_file():
-            raise FileNotFoundError(f"no training cache in {self.cache_dir}: run build_cache")
-        meta = json.loads((self.cache_dir / META).read_text())
+        meta = _read_meta(self.cache_dir)
         self.tile_ids: list[str] = meta["tile_ids"]
         self.layers: dict[str, dict[str, Any]] = meta["layers"]
         self._transforms = meta.get("transforms", [])
@@ -341,9 +344,7 @@ class TileCacheDataset(_PerProcessMaps, Dataset[dict[str, Tensor]]):
         crop: int | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir)
-        if not (self.cache_dir / META).is_file():
-            raise FileNotFoundError(f"no training cache in {self.cache_dir}: run build_cache")
-        meta = json.loads((self.cache_dir / META).read_text())
+        meta = _read_meta(self.cache_dir)
         layers = [*channels, *([mask] if mask else [])]
         missing = [layer for layer in layers if layer not in meta["layers"]]
         if missing or not channels:

@@ -15,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import laspy
 import lightning as L
 import numpy as np
 import pandas as pd
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader
 from torchgeo.datasets import NonGeoDataset, RasterDataset
 
 from geoseg.datasets.cache import TileCache, build_cache
-from geoseg.datasets.points import POINT_FIELDS, PointConfig, sample_points, select_points
+from geoseg.datasets.points import PointConfig, read_points, sample_points, select_points
 from geoseg.models.batch import neighbour_indices
 
 SPLITS = ("train", "val", "test", "buffer")
@@ -61,6 +60,16 @@ def _band_names(bands: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(bands, str) and bands not in BAND_PRESETS:
         raise ValueError(f"unknown band preset {bands!r}; choose from {list(BAND_PRESETS)}")
     return BAND_PRESETS[bands] if isinstance(bands, str) else tuple(bands)
+
+
+def points_to_tensors(pts: dict[str, Any]) -> dict[str, Any]:
+    """The point pipeline's numpy arrays (lists per level) as tensors, sharing memory."""
+    return {
+        key: [torch.from_numpy(a) for a in value]
+        if isinstance(value, list)
+        else torch.from_numpy(value)
+        for key, value in pts.items()
+    }
 
 
 def split_tiles(root: str | Path, split: str) -> pd.DataFrame:
@@ -174,8 +183,7 @@ class N3CCalifornia(NonGeoDataset):
 
     def read_points(self, index: int) -> dict[str, np.ndarray]:
         """The LAS fields the point pipeline uses, x/y/z as float64 map coordinates."""
-        las = laspy.read(self.folders[index] / "points.laz")
-        return {name: np.asarray(las[name]) for name in POINT_FIELDS}
+        return read_points(self.folders[index] / "points.laz")
 
     def _rng(self, index: int) -> np.random.Generator:
         if self.seed is None:
@@ -200,16 +208,10 @@ class N3CCalifornia(NonGeoDataset):
         if flip:
             image, mask = image[..., ::-1].copy(), mask[..., ::-1].copy()
         labels = pts.pop("labels")
-        points = {
-            key: [torch.from_numpy(a) for a in value]
-            if isinstance(value, list)
-            else torch.from_numpy(value)
-            for key, value in pts.items()
-        }
         return {
             "image": torch.from_numpy(image),
             "mask": torch.from_numpy(mask),
-            "points": points,
+            "points": points_to_tensors(pts),
             "point_labels": torch.from_numpy(labels),
             "tile_id": self.tile_ids[index],
         }

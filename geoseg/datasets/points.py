@@ -17,7 +17,9 @@ workers and is testable without torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import laspy
 import numpy as np
 from affine import Affine
 
@@ -29,6 +31,12 @@ POINT_FEATURES = ("intensity", "return_number")
 
 POINT_FIELDS = ("x", "y", "z", *POINT_FEATURES, "classification")
 """The LAS fields the pipeline reads."""
+
+
+def read_points(path: str | Path) -> dict[str, np.ndarray]:
+    """A tile's `points.laz` as the `POINT_FIELDS` arrays, x/y/z as float64 map coordinates."""
+    las = laspy.read(path)
+    return {name: np.asarray(las[name]) for name in POINT_FIELDS}
 
 
 @dataclass(frozen=True)
