@@ -12,7 +12,6 @@ from pathlib import Path
 
 import click
 
-EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 

@@ -27,8 +27,7 @@ def downsample_grid(grid: Tensor, s: int) -> Tensor:
     if s == 1:
         return grid
     _, h, w, _ = grid.shape
-    if h % s or w % s:
-        raise ValueError(f"feature grid {h}x{w} is not divisible by compression factor {s}")
+    compressed_count((h, w), s)  # raises unless H and W are multiples of s
     chw = grid.permute(0, 3, 1, 2)
     out = F.interpolate(chw, size=(h // s, w // s), mode="bilinear", align_corners=False)
     return out.permute(0, 2, 3, 1)
@@ -61,7 +60,7 @@ def compress_tokens(
 
 
 def compressed_count(grid: tuple[int, int], s: int) -> int:
-    """Spatial tokens left after compression: exactly H*W/s² (checked like `downsample_grid`)."""
+    """Spatial tokens left after compression: exactly H*W/s²; ValueError unless s divides H, W."""
     h, w = grid
     if h % s or w % s:
         raise ValueError(f"feature grid {h}x{w} is not divisible by compression factor {s}")

@@ -9,7 +9,6 @@ a stats version); later calls read only that file and `index.parquet`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,9 @@ import rasterio
 import torch
 from scipy import ndimage
 from torch import Tensor
+from tqdm import tqdm
 
-from geoseg.build.writers import atomic_path
+from geoseg.build.writers import atomic_path, safe_join
 from geoseg.classes import CLASS_NAMES
 from geoseg.plot import stretch
 
@@ -113,7 +113,7 @@ def _cached_stats(data: Path, index: pd.DataFrame, progress: bool) -> dict[str, 
     if todo:
         rows = [
             {"tile_id": t, "version": STATS_VERSION, **tile_stats(data / p)}
-            for t, p in _progress(todo, progress, "tile stats")
+            for t, p in tqdm(todo, desc="tile stats", unit="tile", disable=not progress)
         ]
         cached = pd.concat([cached, pd.DataFrame(rows)], ignore_index=True)
         try:
@@ -122,14 +122,6 @@ def _cached_stats(data: Path, index: pd.DataFrame, progress: bool) -> dict[str, 
         except OSError:
             pass  # a read-only build folder still works, it just recomputes next time
     return cached.drop(columns="version").set_index("tile_id").to_dict("index")
-
-
-def _progress(items: list, enabled: bool, desc: str) -> Iterable:
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="tile")
 
 
 def tile_stats(folder: Path) -> dict[str, float | None]:
@@ -209,7 +201,7 @@ def _ground_surface(
 
 def tile_rgb(data: Path, tile_id: str) -> Tensor:
     """(3, H, W) float RGB in [0, 1] of a built tile, stretched like the previews (plot.stretch)."""
-    path = Path(data) / "tiles" / tile_id / "image.tif"
+    path = safe_join(Path(data), "tiles", tile_id) / "image.tif"
     if not path.is_file():
         raise FileNotFoundError(f"tile {tile_id!r} not found in {data}")
     return read_rgb(path)

@@ -28,7 +28,7 @@ from geoseg.build.writers import write_bytes_atomic, write_json
 from retrieval.captions import query_for, relevance
 from retrieval.data import TileInfo, load_tiles, tile_rgb
 from retrieval.index import open_embedder
-from retrieval.search import RERANK_TOP
+from retrieval.rerank import RERANK_TOP, load_reranker, rerank_order
 
 RECALL_KS = (1, 5, 10)
 NDCG_K = 5
@@ -134,15 +134,11 @@ def _rerank(
     path: Path, texts: list[str], order: np.ndarray, cands: Candidates, device: str
 ) -> np.ndarray:
     """Each query's ranking with its top `RERANK_TOP` re-ordered by the reranker."""
-    from retrieval.rerank import load_reranker
-
     reranker = load_reranker(path, device=device)
     out = order.copy()
     for q, text in enumerate(texts):
         head = order[q, :RERANK_TOP]
-        with torch.inference_mode():
-            scores = reranker.score(text, cands.images[head].to(device)).float().cpu().numpy()
-        out[q, :RERANK_TOP] = head[np.argsort(-scores, kind="stable")]
+        out[q, :RERANK_TOP] = head[rerank_order(reranker, text, cands.images[head].to(device))[0]]
     return out
 
 

@@ -33,6 +33,7 @@ import torch
 import yaml
 from shapely.geometry import box
 from torch import Tensor
+from tqdm import tqdm
 
 from geoseg.build.writers import atomic_path
 from geoseg.errors import first_line
@@ -137,7 +138,8 @@ def build_index(
     todo = [(k, s) for k, s in enumerate(shards) if not _shard_done(out, k, s)]
     if len(todo) < len(shards):
         echo(f"resuming: {len(shards) - len(todo)} of {len(shards)} shards already embedded")
-    bar = _bar(sum(len(s) for _, s in todo), progress)
+    total = sum(len(s) for _, s in todo)
+    bar = tqdm(total=total, desc="embedding", unit="tile", disable=not progress or total == 0)
     for k, shard in todo:
         vectors = np.concatenate(
             [
@@ -147,8 +149,7 @@ def build_index(
         )
         with atomic_path(_shard_path(out, k)) as tmp, open(tmp, "wb") as f:
             np.savez(f, vectors=vectors, tile_ids=np.array([t.tile_id for t in shard]))
-    if bar is not None:
-        bar.close()
+    bar.close()
     vectors = np.concatenate([np.load(_shard_path(out, k))["vectors"] for k in range(len(shards))])
     kind = ("flat" if len(tiles) <= FLAT_MAX else "ivf") if kind == "auto" else kind
     with atomic_path(out / VECTORS_FILE) as tmp, open(tmp, "wb") as f:
@@ -186,20 +187,11 @@ def _shard_done(out: Path, k: int, shard: list[TileInfo]) -> bool:
     return list(np.load(path)["tile_ids"]) == [t.tile_id for t in shard]
 
 
-def _bar(total: int, enabled: bool) -> Any:
-    if not enabled or total == 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="embedding", unit="tile")
-
-
 @torch.inference_mode()
-def _embed(embedder: Embedder, data: Path, batch: list[TileInfo], bar: Any) -> np.ndarray:
+def _embed(embedder: Embedder, data: Path, batch: list[TileInfo], bar: tqdm) -> np.ndarray:
     images = torch.stack([tile_rgb(data, t.tile_id) for t in batch])
     vectors = embedder.embed_tiles(images).float().cpu().numpy()
-    if bar is not None:
-        bar.update(len(batch))
+    bar.update(len(batch))
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
@@ -315,10 +307,8 @@ class TileIndex:
         """Top-k (row, score) per query vector, best first, within the filters."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.faiss.d)
         mask = filters.mask(self.tiles)
-        if mask is not None:
-            mask[[self.row(t) for t in exclude if t in self._rows]] = False
-        elif exclude:
-            mask = np.ones(len(self.tiles), bool)
+        if exclude:  # unknown ids raise, as in `row`
+            mask = np.ones(len(self.tiles), bool) if mask is None else mask
             mask[[self.row(t) for t in exclude]] = False
         if mask is None:
             return self._search(queries, k, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_model
 from torch import Tensor, nn
@@ -65,6 +66,13 @@ class Reranker(nn.Module):
     def save(self, path: Path) -> None:
         """Folder like an embedder's: config.yaml, model.safetensors, tokenizer/ (atomic)."""
         save_folder(self, self.config(), Path(path))
+
+
+def rerank_order(reranker: Reranker, text: str, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(order, scores) of B tiles (B, 3, H, W) for one query: scores descending, ties stable."""
+    with torch.inference_mode():
+        scores = reranker.score(text, images).float().cpu().numpy()
+    return np.argsort(-scores, kind="stable"), scores
 
 
 def load_reranker(path: str | Path, device: str = "cpu") -> Reranker:

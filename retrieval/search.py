@@ -19,9 +19,7 @@ from geoseg.build.writers import atomic_path
 from geoseg.plot import plot_thumbnails
 from retrieval.data import read_rgb, tile_rgb
 from retrieval.index import Filters, SearchIndexError, TileIndex, open_embedder
-from retrieval.rerank import RERANK_TOP
-
-"""The paper reranks the embedder's top-5 pointwise (papers.md §2.4)."""
+from retrieval.rerank import RERANK_TOP, load_reranker, rerank_order
 
 
 @dataclass
@@ -109,16 +107,13 @@ def rerank(
     index: TileIndex, text: str, hits: list[Hit], path: str | Path, device: str = "cpu"
 ) -> list[Hit]:
     """Re-order the top `RERANK_TOP` hits by the reranker's relevance score."""
-    from retrieval.rerank import load_reranker
-
     reranker = load_reranker(path, device=device)
     head = hits[:RERANK_TOP]
     images = torch.stack([tile_rgb(index.data, h.tile_id) for h in head]).to(device)
-    with torch.inference_mode():
-        scores = reranker.score(text, images).float().cpu().tolist()
+    order, scores = rerank_order(reranker, text, images)
     for h, s in zip(head, scores, strict=True):
         h.rerank = float(s)
-    ordered = sorted(head, key=lambda h: -(h.rerank or 0.0)) + hits[RERANK_TOP:]
+    ordered = [head[i] for i in order] + hits[RERANK_TOP:]
     for rank, h in enumerate(ordered, 1):
         h.rank = rank
     return ordered

@@ -31,6 +31,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from geoseg.build.writers import write_bytes_atomic
 from retrieval.embedder import TileEmbedder, atomic_dir, create_embedder, load_embedder
 from retrieval.judge import Judge, JudgePair, LabelJudge, MLLMJudge
 from retrieval.losses import info_nce, listwise_loss, pointwise_loss
@@ -405,7 +406,7 @@ def train_retrieval(
     saved = out / "config.yaml"
     if saved.is_file() and yaml.safe_load(saved.read_text()) != cfg:
         raise ValueError(f"{out} holds a run with another config; use a new --out")
-    saved.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    write_bytes_atomic(saved, lambda p: p.write_text(yaml.safe_dump(cfg, sort_keys=False)))
     for stage in [s for s in STAGES if s in stages]:
         folder = out / "stages" / stage
         if folder.is_dir():

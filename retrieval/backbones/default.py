@@ -155,9 +155,6 @@ class OfflineBackbone(Backbone):
     def _image_slot(self) -> list[int]:
         return [self.tokenizer.mask_token_id] * self.image_token_count()
 
-    def summary_id(self) -> int:
-        return self.tokenizer.sep_token_id
-
     def _forward(
         self, ids: Tensor, mask: Tensor, pixels: Tensor | None, causal_start: Tensor | None
     ) -> Tensor:
