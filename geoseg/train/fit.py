@@ -131,8 +131,8 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = 
     save_config(cfg, out / "config.yaml")
 
     t = cfg.trainer
-    # Two callbacks: Lightning 2.6 refreshes `save_last` only when the monitored score improves,
-    # and a resume must start from the latest state, not the best one.
+    # Two ModelCheckpoints: Lightning 2.6 refreshes `save_last` only when the monitored score
+    # improves, and a resume must start from the latest state, not the best one.
     checkpoints = [
         ModelCheckpoint(out / "checkpoints", filename="best-{step}", monitor="val_loss"),
         ModelCheckpoint(out / "checkpoints", filename="last", enable_version_counter=False),

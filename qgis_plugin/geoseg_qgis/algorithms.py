@@ -170,7 +170,7 @@ class BuildDatasetAlgorithm(GeosegAlgorithm):
         if params.get("AOI"):
             args["aoi"] = self._aoi_file(params, context)
         stac = self.parameterAsString(params, "STAC_URL", context).strip()
-        if catalog == "planetary-computer" and (stac or settings.stac_url()):
+        if catalog == "planetary-computer":
             args["stac_url"] = stac or settings.stac_url()
         for key, name in (("year", "YEAR"), ("tile_size", "TILE_SIZE"), ("max_tiles", "MAX_TILES")):
             args[key] = _optional_int(self, params, name, context)
@@ -431,9 +431,10 @@ class SearchAlgorithm(GeosegAlgorithm):
             "k": self.parameterAsInt(params, "K", context),
             "out": out,
         }
+        positional = [query]
         if is_tile_id(query):
-            args["like"] = query
-        self.engine("search", args, feedback, [] if is_tile_id(query) else [query])
+            args["like"], positional = query, []
+        self.engine("search", args, feedback, positional)
         return {"OUTPUT": out}
 
 
