@@ -181,20 +181,6 @@ def diagnostics() -> dict[str, Any]:
     }
 
 
-def _tiles_layer(out: Path) -> None:
-    """tiles.geojson: the build's tile footprints in a format every QGIS reads (GDAL may lack
-    the Parquet driver that index.parquet needs)."""
-    import geopandas as gpd
-
-    from geoseg.build.writers import atomic_path
-
-    index = out / "index.parquet"
-    if index.exists():
-        frame = gpd.read_parquet(index)
-        with atomic_path(out / "tiles.geojson") as tmp:
-            frame.to_file(tmp, driver="GeoJSON")
-
-
 def _outputs(op: str, args: dict[str, Any]) -> dict[str, str]:
     found = {key: str(args[key]) for key in ("out", "vector") if args.get(key)}
     out = args.get("out")
@@ -242,8 +228,6 @@ def run_request(
             return message("error", code=code, message=text, fix=None)
     except click.ClickException as exc:  # usage errors: unknown option, bad value
         return message("error", code="bad_input", message=exc.format_message(), fix=None)
-    if op == "build-dataset" and args.get("out"):
-        _tiles_layer(Path(args["out"]))
     summary = stdout.tail[-1] if stdout.tail else "done"
     return message("result", op=op, summary=summary, outputs=_outputs(op, args))
 

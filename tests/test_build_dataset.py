@@ -36,6 +36,7 @@ def test_sample_build_writes_the_full_tile_set(sample_build: Path):
     for name in (
         "collection.json",
         "index.parquet",
+        "tiles.geojson",
         "stats.json",
         "splits.json",
         "report.md",
@@ -103,6 +104,9 @@ def test_catalog_index_and_splits(sample_build: Path):
     assert label["file:checksum"].startswith("1220")
     assert Path(item.assets["image"].get_absolute_href()).is_file()
     assert index.crs.to_epsg() == 4326
+    footprints = gpd.read_file(sample_build / "tiles.geojson")  # the same rows for any GIS
+    assert footprints["tile_id"].tolist() == index["tile_id"].tolist()
+    assert footprints.geometry.geom_equals_exact(index.geometry, 1e-9).all()
     splits = json.loads((sample_build / "splits.json").read_text())
     assert set(index["split"]) <= {"train", "val", "test", "buffer"}
     assert sum(len(v) for v in splits.values()) == len(index)

@@ -22,6 +22,7 @@ from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 from geoseg.build.grid import TileSpec
 from geoseg.build.rasterize import FLOAT_NODATA
 from geoseg.build.tile import TileResult
+from geoseg.build.writers import atomic_path
 from geoseg.classes import CLASS_COLORS, CLASS_DESCRIPTIONS, CLASS_NAMES
 from geoseg.regions import Region
 
@@ -120,7 +121,8 @@ def tile_item(manifest: dict[str, Any], split: str) -> pystac.Item:
 def write_catalog(
     out: Path, done: list[TileResult], splits: dict[str, str], region: Region
 ) -> None:
-    """Write `collection.json`, `tiles/<id>/<id>.json` items and `index.parquet`."""
+    """Write `collection.json`, `tiles/<id>/<id>.json` items, `index.parquet` and
+    `tiles.geojson`."""
     items = [tile_item(r.manifest, splits[r.tile_id]) for r in done]
     if items:
         extent = pystac.Extent(
@@ -153,6 +155,7 @@ def write_catalog(
         collection.add_item(item)
     for key, href, media, title in (
         ("index", "./index.parquet", "application/vnd.apache.parquet", "GeoParquet tile index"),
+        ("footprints", "./tiles.geojson", pystac.MediaType.GEOJSON, "tile footprints (GIS layer)"),
         ("stats", "./stats.json", pystac.MediaType.JSON, "band statistics and class counts"),
         ("report", "./report.json", pystac.MediaType.JSON, "build report"),
         ("preview", "./preview.png", pystac.MediaType.PNG, "image / label / DSM preview"),
@@ -179,6 +182,8 @@ class _TileLayout(pystac.layout.HrefLayoutStrategy):
 
 
 def write_index(out: Path, done: list[TileResult], splits: dict[str, str]) -> None:
+    """One row per tile in `index.parquet` (for code) and `tiles.geojson` (the same rows for any
+    GIS: Debian's GDAL, hence QGIS there, has no Parquet driver)."""
     rows = []
     for r in done:
         m = r.manifest
@@ -211,6 +216,7 @@ def write_index(out: Path, done: list[TileResult], splits: dict[str, str]) -> No
         if rows
         else gpd.GeoDataFrame({"tile_id": [], "split": []}, geometry=[], crs="EPSG:4326")
     )
-    tmp = out / ".tmp-index.parquet"
-    gdf.to_parquet(tmp, index=False)
-    tmp.replace(out / "index.parquet")
+    with atomic_path(out / "index.parquet") as tmp:
+        gdf.to_parquet(tmp, index=False)
+    with atomic_path(out / "tiles.geojson") as tmp:
+        gdf.to_file(tmp, driver="GeoJSON", layer="tiles")
