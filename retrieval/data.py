@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
-import laspy
 import numpy as np
 import pandas as pd
 import rasterio
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from geoseg.build.writers import atomic_path, safe_join
 from geoseg.classes import CLASS_NAMES
-from geoseg.plot import stretch
+from geoseg.plot import TileLayers, read_tile, stretch
 
 CLASSES: tuple[str, ...] = CLASS_NAMES[1:]
 """Labelled classes (others, ground, tree, building); fractions are over labelled pixels."""
@@ -34,7 +33,8 @@ STATS_FILE = "retrieval_stats.parquet"
 STATS_VERSION = 1
 """Bump when `tile_stats` changes so stale caches are recomputed."""
 
-ASPRS_GROUND = 2
+GROUND = CLASS_NAMES.index("ground")
+"""Point class of the ASPRS ground returns (code 2 only, `geoseg.classes`)."""
 GROUND_CELL_M = 4.0
 """Ground points are binned on cells of this size (median z) before interpolation: coarse
 enough that every cell under a canopy usually holds some ground returns."""
@@ -109,11 +109,11 @@ def _cached_stats(data: Path, index: pd.DataFrame, progress: bool) -> dict[str, 
         cached = pd.read_parquet(path)
         cached = cached[cached["version"] == STATS_VERSION]
     have = set(cached["tile_id"]) if not cached.empty else set()
-    todo = [(t, p) for t, p in zip(index["tile_id"], index["path"], strict=True) if t not in have]
+    todo = [t for t in index["tile_id"] if t not in have]
     if todo:
         rows = [
-            {"tile_id": t, "version": STATS_VERSION, **tile_stats(data / p)}
-            for t, p in tqdm(todo, desc="tile stats", unit="tile", disable=not progress)
+            {"tile_id": t, "version": STATS_VERSION, **tile_stats(data, t)}
+            for t in tqdm(todo, desc="tile stats", unit="tile", disable=not progress)
         ]
         cached = pd.concat([cached, pd.DataFrame(rows)], ignore_index=True)
         try:
@@ -124,21 +124,17 @@ def _cached_stats(data: Path, index: pd.DataFrame, progress: bool) -> dict[str, 
     return cached.drop(columns="version").set_index("tile_id").to_dict("index")
 
 
-def tile_stats(folder: Path) -> dict[str, float | None]:
-    """Heights above ground, NDVI and terrain of one tile folder.
+def tile_stats(data: Path, tile_id: str) -> dict[str, float | None]:
+    """Heights above ground, NDVI and terrain of one built tile.
 
-    The ground surface is the LiDAR's own ground class (ASPRS 2) binned and interpolated, not the
-    DSM, because the canopy and roofs hide the ground in the DSM; tree and building heights are
-    then DSM minus that surface over the tile's tree/building pixels.
+    The ground surface is the LiDAR's own ground class binned and interpolated, not the DSM,
+    because the canopy and roofs hide the ground in the DSM; tree and building heights are then
+    DSM minus that surface over the tile's tree/building pixels.
     """
-    with rasterio.open(folder / "label.tif") as src:
-        label = src.read(1)
-    with rasterio.open(folder / "dsm.tif") as src:
-        dsm = src.read(1, masked=True)
-        transform = src.transform
-    with rasterio.open(folder / "image.tif") as src:
-        red, nir = src.read(1).astype(np.float64), src.read(4).astype(np.float64)
-    ground = _ground_surface(folder / "points.laz", transform, label.shape, dsm)
+    tile = read_tile(data, tile_id)
+    label, dsm = tile.label, tile.dsm
+    gsd = (tile.bounds[2] - tile.bounds[0]) / label.shape[1]
+    ground = _ground_surface(tile, gsd)
     stats: dict[str, float | None] = {}
     if ground is not None:
         hag = np.ma.masked_invalid(dsm - ground)
@@ -146,7 +142,6 @@ def tile_stats(folder: Path) -> dict[str, float | None]:
             h = hag[(label == CLASS_NAMES.index(name)) & ~np.ma.getmaskarray(hag)].compressed()
             stats[f"{name}_height_p50"] = float(np.percentile(h, 50)) if h.size else None
             stats[f"{name}_height_p95"] = float(np.percentile(h, 95)) if h.size else None
-        gsd = abs(transform.a)
         gy, gx = np.gradient(ground, gsd)
         stats["slope_deg"] = float(np.degrees(np.arctan(np.nanmean(np.hypot(gx, gy)))))
         lo, hi = np.nanpercentile(ground, [2, 98])
@@ -157,6 +152,7 @@ def tile_stats(folder: Path) -> dict[str, float | None]:
             None,
         )
         stats |= {"slope_deg": None, "relief_m": None}
+    red, nir = tile.image[0].astype(np.float64), tile.image[3].astype(np.float64)
     valid = (red > 0) & (nir > 0)  # NIR 0 = band missing (3-band scenes) or nodata
     ndvi = (nir[valid] - red[valid]) / (nir[valid] + red[valid])
     stats["ndvi_mean"] = float(ndvi.mean()) if ndvi.size else None
@@ -164,23 +160,21 @@ def tile_stats(folder: Path) -> dict[str, float | None]:
     return stats
 
 
-def _ground_surface(
-    laz: Path, transform: Any, shape: tuple[int, int], dsm: np.ma.MaskedArray
-) -> np.ndarray | None:
+def _ground_surface(tile: TileLayers, gsd: float) -> np.ndarray | None:
     """Ground elevation per pixel: median ground-point z on coarse cells, gaps filled by the
     nearest cell, smoothed back to pixels. Falls back to a low DSM quantile (flat) without
     ground points; None when there is neither."""
-    gsd = abs(transform.a)
+    shape = tile.label.shape
     cell = max(1, round(GROUND_CELL_M / gsd))
     ny, nx = -(-shape[0] // cell), -(-shape[1] // cell)
-    points = laspy.read(laz) if laz.is_file() else None
-    if points is None or not np.any(points.classification == ASPRS_GROUND):
-        valid = dsm.compressed()
+    g = tile.point_classes == GROUND
+    if not g.any():
+        valid = tile.dsm.compressed()
         return np.full(shape, np.percentile(valid, 5)) if valid.size else None
-    g = points.classification == ASPRS_GROUND
-    col = ((np.asarray(points.x[g]) - transform.c) / gsd).astype(int) // cell
-    row = ((transform.f - np.asarray(points.y[g])) / gsd).astype(int) // cell
-    z = np.asarray(points.z[g], dtype=np.float64)
+    xmin, _, _, ymax = tile.bounds
+    col = ((tile.xyz[g, 0] - xmin) / gsd).astype(int) // cell
+    row = ((ymax - tile.xyz[g, 1]) / gsd).astype(int) // cell
+    z = tile.xyz[g, 2]
     keep = (col >= 0) & (col < nx) & (row >= 0) & (row < ny)
     flat = row[keep] * nx + col[keep]
     grid = np.full(ny * nx, np.nan)
