@@ -86,6 +86,12 @@ def _embedder_ref(model: str) -> str:
 @click.option("--bbox", nargs=4, type=float, metavar="W S E N", help="lon/lat box to search in.")
 @click.option("--split", help="Only tiles of this split (train/val/test/buffer).")
 @click.option("--year", type=int, help="Only tiles of this imagery year.")
+@click.option(
+    "--probes",
+    type=click.IntRange(min=1),
+    help="IVF lists probed per query [the index's]: more = better recall, slower. "
+    "Exact (small) indexes ignore it.",
+)
 @click.option("--rerank", is_flag=True, help="Rerank the top 5 with the run's reranker.")
 @click.option("--reranker", type=click.Path(path_type=Path), help="Reranker folder [run's].")
 @click.option("--model", help="Embedder to embed the query [the index's].")
@@ -101,6 +107,7 @@ def search_cmd(
     bbox: tuple[float, float, float, float] | None,
     split: str | None,
     year: int | None,
+    probes: int | None,
     rerank: bool,
     reranker: Path | None,
     model: str | None,
@@ -120,6 +127,8 @@ def search_cmd(
     query = Query(text, like, image, Filters(tuple(bbox) if bbox else None, split, year))
     try:
         index = TileIndex.open(index_path)
+        if probes:
+            index.probes = probes
         if rerank and reranker is None:
             reranker = Path(index.meta["model"]).parent / "reranker"
             if not reranker.is_dir():

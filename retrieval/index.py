@@ -280,6 +280,22 @@ class TileIndex:
     def data(self) -> Path:
         return Path(self.meta["data"])
 
+    @property
+    def probes(self) -> int | None:
+        """IVF lists probed by an unfiltered query (filtered ones scale it up); None = exact."""
+        if self.meta.get("kind") != "ivf":
+            return None
+        return faiss.extract_index_ivf(self.faiss).nprobe
+
+    @probes.setter
+    def probes(self, value: int) -> None:
+        """More probes = better recall, slower (docs/benchmarks.md); an exact index ignores it."""
+        if value < 1:
+            raise SearchIndexError(f"probes must be >= 1, not {value}")
+        if self.meta.get("kind") == "ivf":
+            ivf = faiss.extract_index_ivf(self.faiss)
+            ivf.nprobe = min(value, ivf.nlist)
+
     def check_model(self, fingerprint: str) -> None:
         """Refuse to compare vectors of two different models."""
         if fingerprint != self.meta["fingerprint"]:

@@ -11,8 +11,10 @@ import json
 import shutil
 from pathlib import Path
 
+import faiss
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -22,7 +24,7 @@ from geoseg.cli import main
 from retrieval.data import load_tiles, tile_rgb
 from retrieval.embedder import TileEmbedder, create_embedder, load_embedder
 from retrieval.evaluate import evaluate_retrieval
-from retrieval.index import Filters, SearchIndexError, TileIndex, build_index
+from retrieval.index import Filters, SearchIndexError, TileIndex, build_index, make_faiss
 from retrieval.search import Query, search, write_geojson, write_thumbnails
 
 TINY = {
@@ -133,6 +135,33 @@ def test_filters_on_the_exact_and_the_ivf_path(index: Path, build, embedder, tmp
     assert flat.search(query[None], 5, Filters(year=1900)) == [[]]
 
 
+def test_ivf_probes_trade_recall_and_every_list_is_exact():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((4000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    tiles = pd.DataFrame({"tile_id": [f"t{i}" for i in range(len(vectors))]})
+    flat = TileIndex({"kind": "flat"}, tiles, make_faiss(vectors, "flat"), vectors, Path("."))
+    ivf = TileIndex({"kind": "ivf"}, tiles, make_faiss(vectors, "ivf"), vectors, Path("."))
+    lists = faiss.extract_index_ivf(ivf.faiss).nlist
+    assert flat.probes is None and ivf.probes == min(rindex.IVF_NPROBE, lists) < lists
+    queries = vectors[:20] + 0.1 * rng.standard_normal((20, 32)).astype(np.float32)
+    exact = [[r for r, _ in hits] for hits in flat.search(queries, 10)]
+
+    def recall(idx: TileIndex) -> float:
+        found = [[r for r, _ in hits] for hits in idx.search(queries, 10)]
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact, strict=True)])
+
+    ivf.probes = 1
+    low = recall(ivf)
+    ivf.probes = 10**6  # clamped to the list count: every list probed = exact
+    assert ivf.probes == lists
+    assert low < recall(ivf) == 1.0
+    flat.probes = 3  # an exact index has nothing to probe: ignored
+    assert recall(flat) == 1.0
+    with pytest.raises(SearchIndexError, match="probes must be >= 1"):
+        ivf.probes = 0
+
+
 def test_resume_after_a_crash_embeds_only_the_rest(build, model, embedder, tmp_path, index):
     out = tmp_path / "idx"
     crashing = Counting(embedder, fail_after=4)  # 16-tile batches: dies inside shard 2 of 3
@@ -201,9 +230,8 @@ def test_cli_search_like_and_image_and_errors(index: Path, build: Path, tmp_path
     runner = CliRunner()
     tid = TileIndex.open(index).tiles["tile_id"][3]
     out = tmp_path / "like.geojson"
-    res = runner.invoke(
-        main, ["search", "--like", tid, "--index", str(index), "--k", "4", "--out", str(out)]
-    )
+    args = ["search", "--like", tid, "--index", str(index), "--k", "4", "--probes", "8"]
+    res = runner.invoke(main, [*args, "--out", str(out)])
     assert res.exit_code == 0, res.output
     ids = [f["id"] for f in json.loads(out.read_text())["features"]]
     assert len(ids) == 4 and tid not in ids and out.with_suffix(".png").is_file()
