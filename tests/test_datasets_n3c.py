@@ -258,8 +258,13 @@ def test_bad_inputs(sample_build: Path, tmp_path: Path) -> None:
         N3CCalifornia(tmp_path)
     index = pd.read_parquet(sample_build / "index.parquet")
     index[index["split"] == "train"].to_parquet(tmp_path / "index.parquet")
-    with pytest.raises(ValueError, match=r"split 'test' of .* has no tiles"):
+    with pytest.raises(ValueError, match=r"split 'test' of .* has no tiles \(splits: train\)"):
         N3CCalifornia(tmp_path, "test")
+    escaping = index.assign(path="../elsewhere")
+    escaping.to_parquet(tmp_path / "index.parquet")
+    with pytest.raises(ValueError, match=r"index path \.\./elsewhere is outside"):
+        N3CCalifornia(tmp_path, "train")
+    index[index["split"] == "train"].to_parquet(tmp_path / "index.parquet")
     with pytest.raises(FileNotFoundError, match=r"stats\.json not found"):
         N3CCalifornia(tmp_path, "train")
     shutil.copy(sample_build / "stats.json", tmp_path)

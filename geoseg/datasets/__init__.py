@@ -8,14 +8,15 @@ from geoseg.datasets.n3c import (
     N3CImage,
     N3CLabel,
     collate,
-    split_tiles,
     tile_files,
 )
 from geoseg.datasets.points import PointConfig, prepare_points
+from geoseg.datasets.splits import SPLITS, split_tiles
 
 __all__ = [
     "BAND_PRESETS",
     "LAYERS",
+    "SPLITS",
     "N3CCalifornia",
     "N3CDataModule",
     "N3CImage",

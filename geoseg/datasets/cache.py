@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import rasterio
 import torch
 from affine import Affine
@@ -42,6 +41,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from geoseg.datasets.points import read_points, select_points
+from geoseg.datasets.splits import split_tiles
 
 LAYERS = ("image", "label", "dsm", "intensity", "num_returns")
 """Raster layers of a tile folder (`tiles/<id>/<layer>.tif`), as build-dataset writes them."""
@@ -72,13 +72,12 @@ def build_cache(
     half-written cache. Build a given split from one process at a time.
     """
     root = Path(dataset_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {root}")
     if set(layers) - set(LAYERS) or (not layers and point_grid is None):
         raise ValueError(
             f"layers must be a subset of {LAYERS}, non-empty without points, got {tuple(layers)}"
         )
-    tile_ids, folders = _split_tiles(root, split)
+    tiles = split_tiles(root, split)
+    tile_ids, folders = list(tiles["tile_id"]), [root / p for p in tiles["path"]]
     fingerprint = _fingerprint(tile_ids, folders)
     dest = (Path(out) if out is not None else root / "cache") / split
     if (dest / META).is_file():
@@ -122,24 +121,6 @@ def build_cache(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
-
-
-def _split_tiles(root: Path, split: str) -> tuple[list[str], list[Path]]:
-    """Ids (sorted, so the cache order is stable) and folders of a split's tiles, per the index."""
-    index = root / "index.parquet"
-    if not index.is_file():
-        raise FileNotFoundError(f"no index.parquet in {root}: not a build-dataset output")
-    table = pd.read_parquet(index, columns=["tile_id", "split", "path"])
-    rows = table[table["split"] == split].sort_values("tile_id")
-    if rows.empty:
-        have = ", ".join(sorted(table["split"].unique())) or "none"
-        raise ValueError(f"split {split!r} has no tiles in {index} (splits: {have})")
-    inside = root.resolve()
-    folders = [root / p for p in rows["path"]]
-    for folder in folders:
-        if inside not in folder.resolve().parents:
-            raise ValueError(f"index path {folder} is outside {root}")
-    return list(rows["tile_id"]), folders
 
 
 def _read_meta(cache_dir: Path) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import pandas as pd
 import rasterio
 import torch
 from affine import Affine
@@ -27,9 +26,9 @@ from torchgeo.datasets import NonGeoDataset, RasterDataset
 
 from geoseg.datasets.cache import TileCache, build_cache
 from geoseg.datasets.points import PointConfig, read_points, sample_points, select_points
+from geoseg.datasets.splits import split_tiles
 from geoseg.models.batch import neighbour_indices
 
-SPLITS = ("train", "val", "test", "buffer")
 """Split names of index.parquet; `buffer` tiles separate the others and are normally unused."""
 
 LAYER_BANDS: dict[str, tuple[str, ...]] = {
@@ -70,23 +69,6 @@ def points_to_tensors(pts: dict[str, Any]) -> dict[str, Any]:
         else torch.from_numpy(value)
         for key, value in pts.items()
     }
-
-
-def split_tiles(root: str | Path, split: str) -> pd.DataFrame:
-    """Rows of index.parquet for one split, with one-line errors for the usual mistakes."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"build folder not found: {root}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose from {list(SPLITS)}")
-    index = root / "index.parquet"
-    if not index.is_file():
-        raise FileNotFoundError(f"{index} not found; is {root} a geoseg build-dataset output?")
-    tiles = pd.read_parquet(index, columns=["tile_id", "split", "path", "size"])
-    tiles = tiles[tiles["split"] == split].sort_values("tile_id").reset_index(drop=True)
-    if tiles.empty:
-        raise ValueError(f"split {split!r} of {root} has no tiles")
-    return tiles
 
 
 def tile_files(root: str | Path, split: str, layer: str) -> list[Path]:
