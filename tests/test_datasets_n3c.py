@@ -7,6 +7,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,8 +17,9 @@ from affine import Affine
 from torch.utils.data import DataLoader
 from torchgeo.datasets import stack_samples
 from torchgeo.samplers import RandomGeoSampler
+from torchgeo.trainers import SemanticSegmentationTask
 
-from geoseg.classes import NOISE_CODES, UNLABELED
+from geoseg.classes import CLASS_NAMES, NOISE_CODES, UNLABELED
 from geoseg.datasets.n3c import (
     N3CCalifornia,
     N3CDataModule,
@@ -36,6 +38,7 @@ from geoseg.datasets.points import (
     sample_fixed,
 )
 from geoseg.models import create_model
+from geoseg.train.losses import class_weights
 
 CFG = PointConfig(num_points=2048, levels=4, ratio=4, k=16)  # 2048 -> 512 -> 128 -> 32 -> 8
 SIZE = 64
@@ -224,6 +227,49 @@ def test_torchgeo_raster_datasets_with_random_geo_sampler(sample_build: Path) ->
     assert len(N3CImage(sample_build / "tiles")) > len(
         N3CImage(tile_files(sample_build, "val", "image"))
     )
+
+
+def test_torchgeo_segmentation_task_trains_on_the_raster_datasets(
+    sample_build: Path, tmp_path: Path
+) -> None:
+    """The image-only baseline with TorchGeo's own trainer, normalised and weighted from the
+    build's stats.json exactly as geoseg's task is (docs/ikdnet.md)."""
+    stats = json.loads((sample_build / "stats.json").read_text())
+    bands = stats["bands"]
+    mean = torch.tensor([bands[b]["mean"] for b in N3CImage.all_bands]).view(-1, 1, 1)
+    std = torch.tensor([bands[b]["std"] for b in N3CImage.all_bands]).view(-1, 1, 1)
+
+    def normalise(sample: dict) -> dict:
+        return sample | {"image": (sample["image"] - mean) / std}
+
+    def loader(split: str) -> DataLoader:
+        ds = N3CImage(tile_files(sample_build, split, "image"), transforms=normalise) & N3CLabel(
+            tile_files(sample_build, split, "label")
+        )
+        sampler = RandomGeoSampler(ds, size=64, length=4)
+        return DataLoader(ds, sampler=sampler, batch_size=2, collate_fn=stack_samples)
+
+    task = SemanticSegmentationTask(
+        backbone="resnet18",
+        in_channels=4,
+        num_classes=len(CLASS_NAMES),
+        ignore_index=UNLABELED,
+        class_weights=class_weights(stats["pixels"]),
+    )
+    before = [p.detach().clone() for p in task.parameters()]
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(task, train_dataloaders=loader("train"), val_dataloaders=loader("val"))
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])
+    assert torch.isfinite(trainer.callback_metrics["val_loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, task.parameters(), strict=True))
 
 
 def test_datamodule_setup_fit(sample_build: Path) -> None:
