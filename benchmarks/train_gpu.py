@@ -358,6 +358,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {info['device']}; cpu: {info['cpu']} ({info['cores']} cores)"
           + ("; --small: reduced train sizes, not the paper's" if small else ""))  # fmt: skip
 
+    def save() -> None:
+        """After every part, so a run cut short (device time) keeps what it measured."""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out)
+
     result: dict[str, Any] = {
         "benchmark": "train_gpu",
         "small": small,
@@ -368,9 +375,11 @@ def main(argv: list[str] | None = None) -> None:
     if "train" not in args.skip:
         print(f"\n## train step: batch {args.batch}, {args.image_size}², {args.points} points")
         result["train"] = train_steps(args, device)
+        save()
     if "knn" not in args.skip:
         print(f"\n## kNN k={K}, {args.knn_points} points per tile, median [min–max]")
         result["knn"] = knn_times(args, device)
+        save()
     if "loading" not in args.skip:
         print(f"\n## CPU side of one training sample ({args.points} points)")
         scratch = Path(tempfile.gettempdir()) / f"geoseg-bench-train-gpu-{args.seed}"
@@ -385,10 +394,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{row['label']:45s} needs {row['workers_needed']:.1f} worker cores, "
                       f"{row['workers_needed_cached']:.1f} with the points cache "
                       f"(pyramid_device={mode})")  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    save()
     print(f"\nwrote {out}")
 
 
