@@ -18,6 +18,7 @@ from geoseg.models.randlanet import (
     nearest_upsample,
     random_sample,
 )
+from geoseg.train.losses import HolisticLoss
 from tests.test_neighbors import assert_same_neighbours
 
 TINY_IMAGE = (8, 16, 16, 32)
@@ -207,6 +208,26 @@ def test_create_model_uniform_contract(name: str, batch: Batch) -> None:
         assert first["point_logits"].shape == (2, N_POINTS, len(CLASS_NAMES))
     else:
         assert first["point_logits"] is None
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_trains_under_bf16_autocast_and_channels_last(name: str, batch: Batch) -> None:
+    """The GPU settings (bf16 autocast, channels_last) rehearsed on CPU, where autocast casts the
+    same conv/linear/matmul ops: no dtype mismatch in the scatters, gathers, gates or loss."""
+    torch.manual_seed(0)
+    model = create_model(name, **TINY_KWARGS[name]).to(memory_format=torch.channels_last)
+    inputs = {**batch, "image": batch["image"].contiguous(memory_format=torch.channels_last)}
+    mask = torch.randint(0, len(CLASS_NAMES), (2, SIZE, SIZE))
+    labels = torch.randint(0, len(CLASS_NAMES), (2, N_POINTS))
+    with torch.autocast("cpu", torch.bfloat16):
+        out = model(inputs)
+        total = HolisticLoss(torch.ones(len(CLASS_NAMES)))(
+            out, mask, labels, batch["points"]["pixels"][0]
+        )["total"]
+    assert out["logits"].dtype == torch.bfloat16 and torch.isfinite(total)
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_create_model_rejects_unknown_name() -> None:

@@ -40,7 +40,7 @@ class SaveFinalStep(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable
 
 
 def resolve_model_kwargs(cfg: TrainConfig, num_bands: int) -> dict[str, Any]:
