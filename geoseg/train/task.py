@@ -114,7 +114,8 @@ class SegmentationTask(L.LightningModule):
         if summed["points"][1:].sum() > 0:
             scores = metrics(summed["points"])
             logged.update({f"{stage}_points_{k}": scores[k] for k in ("miou", "oa")})
-        self.log_dict(logged)
+        # Equal on every rank already; sync_dist (a mean of equal values) only tells Lightning so.
+        self.log_dict(logged, sync_dist=True)
 
     def on_validation_epoch_start(self) -> None:
         self._reset("val")
