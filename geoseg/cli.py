@@ -16,6 +16,14 @@ from geoseg import __version__
 EXIT_BAD_INPUT = 2
 
 
+device_option = click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, cuda:N or mps.",
+)
+
+
 def _fail(message: str, code: int) -> None:
     click.echo(f"geoseg: error: {message}", err=True)
     sys.exit(code)
@@ -194,20 +202,24 @@ def train_cmd(
     help="Split of the build to evaluate on.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
+@device_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
-def evaluate_cmd(checkpoint: Path, data: Path, split: str, batch_size: int, out: Path) -> None:
+def evaluate_cmd(
+    checkpoint: Path, data: Path, split: str, batch_size: int, device: str, out: Path
+) -> None:
     """Per-class IoU/F1/Acc, mIoU, OA, kappa and confusion matrices of a checkpoint on a split.
 
     Writes metrics.json and confusion.json/.png (pixels; points_confusion.* for point models)
     to --out. Unlabeled pixels and points are excluded.
     """
+    from geoseg.device import DeviceError
     from geoseg.train.config import DataError
     from geoseg.train.evaluate import evaluate
     from geoseg.train.task import CheckpointError
 
     try:
-        result = evaluate(checkpoint, data, split, out, batch_size)
-    except (CheckpointError, DataError) as exc:
+        result = evaluate(checkpoint, data, split, out, batch_size, device)
+    except (CheckpointError, DataError, DeviceError) as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     scores = result["pixels"]
     shown = "  ".join(
@@ -245,6 +257,7 @@ def evaluate_cmd(checkpoint: Path, data: Path, split: str, batch_size: int, out:
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--vector", type=click.Path(path_type=Path), help="Also write class polygons (GPKG).")
+@device_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Class-map COG.")
 def predict_cmd(
     checkpoint: Path,
@@ -255,6 +268,7 @@ def predict_cmd(
     overlap: float,
     batch_size: int,
     vector: Path | None,
+    device: str,
     out: Path,
 ) -> None:
     """Class map of a whole scene (sliding windows, blended seams), with its LiDAR if needed.
@@ -265,6 +279,7 @@ def predict_cmd(
     10 %). IKD-Net, RandLA-Net and early fusion also need the scene's points: --points files, or
     the COPC items of --stac-url / --catalog covering the scene.
     """
+    from geoseg.device import DeviceError
     from geoseg.predict import PredictError, predict
     from geoseg.stac.client import StacError
     from geoseg.train.task import CheckpointError
@@ -272,9 +287,9 @@ def predict_cmd(
     try:
         item = predict(
             checkpoint, image, out, points=list(points) or None, stac_url=stac_url,
-            catalog=catalog, overlap=overlap, batch_size=batch_size, vector=vector,
+            catalog=catalog, overlap=overlap, batch_size=batch_size, vector=vector, device=device,
         )  # fmt: skip
-    except (CheckpointError, PredictError) as exc:
+    except (CheckpointError, PredictError, DeviceError) as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     except StacError as exc:
         _fail(str(exc), 1)

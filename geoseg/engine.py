@@ -154,6 +154,7 @@ def diagnostics() -> dict[str, Any]:
     import torch
 
     from geoseg.cli import main as cli
+    from geoseg.device import resolve_device
 
     versions = {}
     for name in ("geoseg", "torch", "torchgeo", "lightning", "rasterio", "transformers"):
@@ -161,7 +162,7 @@ def diagnostics() -> dict[str, Any]:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device()
     used, device_error = None, None
     try:  # a GPU that is seen but unusable shows here, not as a silent CPU fallback later
         used = (torch.ones(2, device=device) * 2).device

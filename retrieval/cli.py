@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 EXIT_BAD_INPUT = 2
+DEVICE_HELP = "auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, cuda:N or mps."
 
 
 def _fail(message: str, code: int) -> None:
@@ -38,7 +39,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     show_default=True,
     help="auto = exact up to 50k tiles, IVF above.",
 )
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def index_cmd(
     data: Path, model: str, out: Path, batch_size: int, kind: str, device: str, no_progress: bool
@@ -95,7 +96,7 @@ def _embedder_ref(model: str) -> str:
 @click.option("--rerank", is_flag=True, help="Rerank the top 5 with the run's reranker.")
 @click.option("--reranker", type=click.Path(path_type=Path), help="Reranker folder [run's].")
 @click.option("--model", help="Embedder to embed the query [the index's].")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="hits.geojson")
 @click.option("--thumbnails", type=click.Path(path_type=Path), help="PNG grid [OUT.png].")
 def search_cmd(
@@ -165,7 +166,7 @@ def search_cmd(
 )
 @click.option("--split", default="test", show_default=True, help="Split the queries come from.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 def evaluate_retrieval_cmd(
     data: Path, models: tuple[Path, ...], split: str, seed: int, device: str, out: Path

@@ -26,6 +26,7 @@ import yaml
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
+from geoseg.device import AUTO, resolve_device
 from retrieval.backbones import Backbone, create_backbone
 
 TEMPLATES: dict[str, str] = {
@@ -176,8 +177,10 @@ def create_embedder(config: dict[str, Any]) -> TileEmbedder:
     )
 
 
-def load_embedder(path_or_hf_id: str | Path, device: str = "cpu") -> TileEmbedder:
-    """A saved embedder folder, or a raw HF MLLM (id or folder) wrapped with default settings."""
+def load_embedder(path_or_hf_id: str | Path, device: str | torch.device = AUTO) -> TileEmbedder:
+    """A saved embedder folder, or a raw HF MLLM (id or folder) wrapped with default settings,
+    on `device` (`geoseg.device.resolve_device`)."""
+    run_on = resolve_device(device)
     folder = Path(path_or_hf_id)
     if (folder / "config.yaml").is_file():
         config, backbone = read_folder(folder)
@@ -191,4 +194,4 @@ def load_embedder(path_or_hf_id: str | Path, device: str = "cpu") -> TileEmbedde
         from retrieval.backbones.hf import pretrained_spec
 
         embedder = create_embedder({"backbone": pretrained_spec(str(path_or_hf_id))})
-    return embedder.to(device).eval()
+    return embedder.to(run_on).eval()

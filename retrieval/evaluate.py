@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from geoseg.build.writers import write_bytes_atomic, write_json
+from geoseg.device import AUTO, resolve_device
 from retrieval.captions import query_for, relevance
 from retrieval.data import TileInfo, load_tiles, tile_rgb
 from retrieval.index import open_embedder
@@ -76,13 +77,14 @@ def evaluate_retrieval(
     split: str = "test",
     seed: int = 0,
     batch_size: int = 32,
-    device: str = "cpu",
+    device: str | torch.device = AUTO,
 ) -> list[dict[str, Any]]:
     """One row per model (and per model + its reranker); writes out/metrics.json and table.md.
 
     A model is an embedder folder or a `train-retrieval` run folder (`embedder/`, and
     `reranker/` when trained).
     """
+    device = resolve_device(device)
     queries, cands = held_out(Path(data), split)
     texts = [query_for(t, np.random.default_rng([seed, i])) for i, t in enumerate(queries)]
     grades = np.array([[relevance(q, c) for c in cands.tiles] for q in queries])
@@ -131,7 +133,7 @@ def _metrics(order: np.ndarray, grades: np.ndarray) -> dict[str, float]:
 
 
 def _rerank(
-    path: Path, texts: list[str], order: np.ndarray, cands: Candidates, device: str
+    path: Path, texts: list[str], order: np.ndarray, cands: Candidates, device: torch.device
 ) -> np.ndarray:
     """Each query's ranking with its top `RERANK_TOP` re-ordered by the reranker."""
     reranker = load_reranker(path, device=device)

@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from geoseg.build.writers import atomic_path
+from geoseg.device import AUTO, resolve_device
 from geoseg.errors import first_line
 from retrieval.data import CLASSES, TileInfo, load_tiles, tile_rgb
 
@@ -90,13 +91,14 @@ class Filters:
         return None if keep.all() else keep
 
 
-def open_embedder(model: str | Path, device: str = "cpu") -> Any:
+def open_embedder(model: str | Path, device: str | torch.device = AUTO) -> Any:
     """`retrieval.embedder.load_embedder`, with a bad reference (missing folder, unknown HF id,
     not a model) reported as bad input instead of a transformers traceback."""
     from retrieval.embedder import load_embedder
 
+    run_on = resolve_device(device)  # a device error is the device's, not the model's
     try:
-        return load_embedder(model, device=device)
+        return load_embedder(model, device=run_on)
     except (OSError, ValueError) as exc:
         raise SearchIndexError(f"cannot load embedder {model}: {first_line(exc)}") from exc
 

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_model
 from torch import Tensor, nn
 
+from geoseg.device import AUTO, resolve_device
 from retrieval.backbones import Backbone
 from retrieval.embedder import read_folder, save_folder
 
@@ -75,7 +76,7 @@ def rerank_order(reranker: Reranker, text: str, images: Tensor) -> tuple[np.ndar
     return np.argsort(-scores, kind="stable"), scores
 
 
-def load_reranker(path: str | Path, device: str = "cpu") -> Reranker:
+def load_reranker(path: str | Path, device: str | torch.device = AUTO) -> Reranker:
     """A reranker folder written by `Reranker.save` (training writes RUN/reranker/)."""
     folder = Path(path)
     if not (folder / "config.yaml").is_file():
@@ -83,4 +84,4 @@ def load_reranker(path: str | Path, device: str = "cpu") -> Reranker:
     config, backbone = read_folder(folder)
     reranker = Reranker(backbone, max_text_tokens=config["max_text_tokens"])
     load_model(reranker, str(folder / "model.safetensors"))
-    return reranker.to(device).eval()
+    return reranker.to(resolve_device(device)).eval()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from geoseg.build.writers import atomic_path
+from geoseg.device import AUTO, resolve_device
 from geoseg.plot import plot_thumbnails
 from retrieval.data import read_rgb, tile_rgb
 from retrieval.index import Filters, SearchIndexError, TileIndex, open_embedder
@@ -60,10 +61,11 @@ def search(
     *,
     model: str | Path | None = None,
     reranker: str | Path | None = None,
-    device: str = "cpu",
+    device: str | torch.device = AUTO,
 ) -> list[Hit]:
     """Top-k tiles for a query; with `reranker`, the top-5 are re-ordered by its scores."""
     query.validate()
+    device = resolve_device(device)
     if k < 1:
         raise SearchIndexError("k must be >= 1")
     if reranker is not None and query.text is None:
@@ -104,9 +106,14 @@ def _plain(value: Any) -> Any:
 
 
 def rerank(
-    index: TileIndex, text: str, hits: list[Hit], path: str | Path, device: str = "cpu"
+    index: TileIndex,
+    text: str,
+    hits: list[Hit],
+    path: str | Path,
+    device: str | torch.device = AUTO,
 ) -> list[Hit]:
     """Re-order the top `RERANK_TOP` hits by the reranker's relevance score."""
+    device = resolve_device(device)
     reranker = load_reranker(path, device=device)
     head = hits[:RERANK_TOP]
     images = torch.stack([tile_rgb(index.data, h.tile_id) for h in head]).to(device)

@@ -32,6 +32,7 @@ import yaml
 from torch import Tensor
 
 from geoseg.build.writers import write_bytes_atomic
+from geoseg.device import resolve_device
 from retrieval.embedder import TileEmbedder, atomic_dir, create_embedder, load_embedder
 from retrieval.judge import Judge, JudgePair, LabelJudge, MLLMJudge
 from retrieval.losses import info_nce, listwise_loss, pointwise_loss
@@ -101,10 +102,7 @@ class Run:
 
         self.cfg, self.data, self.out = cfg, data, out
         train = cfg["train"]
-        device = train["device"]
-        self.device = (
-            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        )
+        self.device = resolve_device(train["device"])
         self.rng = np.random.default_rng(train["seed"])
         torch.manual_seed(train["seed"])
         self.tiles = load_tiles(data, "train")

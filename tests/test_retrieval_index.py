@@ -266,6 +266,7 @@ def test_cli_search_like_and_image_and_errors(index: Path, build: Path, tmp_path
             str(index),
         ],
         "not a tile index": ["search", "trees", "--index", str(tmp_path)],
+        "unknown device 'gpu0'": ["search", "trees", "--index", str(index), "--device", "gpu0"],
     }
     for message, args in bad.items():
         res = runner.invoke(main, [*args, "--out", str(tmp_path / "x.geojson")])

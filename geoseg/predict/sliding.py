@@ -51,6 +51,7 @@ from torch import nn
 from geoseg.build.writers import atomic_path, write_json
 from geoseg.datasets.n3c import collate
 from geoseg.datasets.points import PointConfig
+from geoseg.device import AUTO, resolve_device
 from geoseg.errors import first_line
 from geoseg.predict.errors import PredictError
 from geoseg.predict.points import (
@@ -193,18 +194,21 @@ def predict(
     overlap: float = 0.25,
     batch_size: int = 4,
     vector: str | Path | None = None,
+    device: str = AUTO,
 ) -> dict[str, Any]:
     """Write the class-map COG `out` (+ `<out stem>.json` STAC Item, optional GeoPackage).
 
     Point-reading models take the scene's LiDAR from local files (`points`: COPC, LAS or LAZ,
     any CRS) or from the COPC items a STAC API holds for the scene (`stac_url`, or `catalog`:
-    "planetary-computer" / "sample"). Returns the STAC Item. Raises `CheckpointError` for a file
-    that is not a geoseg checkpoint, `PredictError` for input the contract rules out, and
-    `StacError` when the STAC API fails.
+    "planetary-computer" / "sample"). `device` as in `resolve_device`. Returns the STAC Item.
+    Raises `CheckpointError` for a file that is not a geoseg checkpoint, `PredictError` for input
+    the contract rules out, `DeviceError` for a device not here, and `StacError` when the STAC
+    API fails.
     """
     checkpoint, image, out = Path(checkpoint), Path(image), Path(out)
     if not 0.0 <= overlap < 1.0 or batch_size < 1:
         raise PredictError("overlap must be in [0, 1) and batch size >= 1")
+    run_on = resolve_device(device)
     sources = [s for s in (points, stac_url, catalog) if s]
     if len(sources) > 1:
         raise PredictError("give the points once: --points, --stac-url or --catalog")
@@ -216,8 +220,7 @@ def predict(
         )
     if sources and not needs_points(contract):
         raise PredictError(f"model {contract['model']!r} reads no LiDAR; drop the points")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    model.to(run_on)
     size = int(contract["tile_size"])
     stride = max(1, round(size * (1.0 - overlap)))
     colormap = {i: tuple(c) for i, c in enumerate(contract["class_colors"])}
@@ -230,7 +233,7 @@ def predict(
             if sources
             else None
         )
-        engine = _Engine(model, src, contract, size, stride, batch_size, device, scene_points)
+        engine = _Engine(model, src, contract, size, stride, batch_size, run_on, scene_points)
         # Uncompressed, so rows flushed into partly written blocks cost no block rewrites.
         profile = {
             "driver": "GTiff", "width": src.width, "height": src.height, "count": 1,
@@ -248,7 +251,7 @@ def predict(
                     staged, final, driver="COG", COMPRESS="DEFLATE",
                     BLOCKSIZE="512", OVERVIEW_RESAMPLING="NEAREST",
                 )  # fmt: skip
-        item = _stac_item(out, src, contract, checkpoint, str(device))
+        item = _stac_item(out, src, contract, checkpoint, str(run_on))
     item["properties"]["geoseg:windows"] = engine.windows
     item["properties"]["geoseg:skipped_windows"] = engine.skipped
     write_json(out.with_suffix(".json"), item)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from geoseg.datasets.n3c import N3CCalifornia, collate
 from geoseg.datasets.points import PointConfig
+from geoseg.device import AUTO, resolve_device
 from geoseg.train.config import DataError
 from geoseg.train.metrics import ConfusionMatrix, predict_labels, save_confusion
 from geoseg.train.task import load_model
@@ -41,28 +42,34 @@ def _dataset(data: Path, split: str, contract: dict[str, Any]) -> N3CCalifornia:
 
 
 def evaluate(
-    checkpoint: str | Path, data: str | Path, split: str, out: str | Path, batch_size: int = 2
+    checkpoint: str | Path,
+    data: str | Path,
+    split: str,
+    out: str | Path,
+    batch_size: int = 2,
+    device: str = AUTO,
 ) -> dict[str, Any]:
     """Write OUT/metrics.json and confusion matrices (JSON + PNG) for pixels (and points).
 
     Pixel metrics are the headline (the paper's); point models also get point metrics.
-    Unlabeled targets are excluded by `ConfusionMatrix`. Returns the metrics.json payload.
+    Unlabeled targets are excluded by `ConfusionMatrix`; `device` as in `resolve_device`.
+    Returns the metrics.json payload.
     """
     data, out = Path(data), Path(out)
+    run_on = resolve_device(device)
     model, contract = load_model(checkpoint)
     dataset = _dataset(data, split, contract)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    if device.type == "cuda":
+    model.to(run_on)
+    if run_on.type == "cuda":
         model.to(memory_format=torch.channels_last)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     pixels, points = ConfusionMatrix(), ConfusionMatrix()
     with (
         torch.inference_mode(),
-        torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"),
+        torch.autocast(run_on.type, torch.bfloat16, enabled=run_on.type == "cuda"),
     ):
         for batch in loader:
-            batch = move_data_to_device(batch, device)
+            batch = move_data_to_device(batch, run_on)
             output = model({"image": batch["image"], "points": batch["points"]})
             pixels.update(predict_labels(output["logits"]), batch["mask"])
             if output["point_logits"] is not None:
