@@ -20,6 +20,7 @@ import numpy as np
 import rasterio
 import torch
 from affine import Affine
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchgeo.datasets import NonGeoDataset, RasterDataset
@@ -290,10 +291,20 @@ class N3CDataModule(L.LightningDataModule):
                 self.datasets[split] = self._dataset(split)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset, sampler = self.datasets[split], None
+        trainer = self.trainer
+        if not shuffle and trainer is not None and trainer.world_size > 1:
+            # Lightning's DistributedSampler would repeat tiles to give every rank as many
+            # batches; metrics (confusion matrices summed over ranks) must see each tile once.
+            # Safe in evaluation: DDP syncs buffers only when gradients are on.
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
