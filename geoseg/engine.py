@@ -233,6 +233,21 @@ def run_request(
     return message("result", op=op, summary=summary, outputs=_outputs(op, args))
 
 
+def _device_problem(name: str) -> str | None:
+    """Apply the request's device: `cpu` hides the GPUs from every library the job loads, `auto`
+    runs where `resolve_device` says, any other device must exist here (else the reason)."""
+    if name == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif name != "auto":
+        from geoseg.device import DeviceError, resolve_device
+
+        try:
+            resolve_device(name)
+        except DeviceError as exc:
+            return str(exc)
+    return None
+
+
 def _read_request(stdin: TextIO) -> dict[str, Any]:
     line = stdin.readline()
     try:
@@ -271,9 +286,12 @@ def main() -> int:
     req: dict[str, Any] | None = None
     try:
         req = _read_request(sys.stdin)
-        if req.get("device") == "cpu":
-            os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        reply = run_request(req, emit, stdout, stderr)
+        problem = _device_problem(req.get("device", "auto"))
+        if problem:  # a GPU this machine lacks: say so rather than quietly run on the CPU
+            fix = "choose auto or cpu as the device in geoseg's Settings"
+            reply = message("error", code="bad_input", message=problem, fix=fix)
+        else:
+            reply = run_request(req, emit, stdout, stderr)
     except ProtocolError as exc:
         reply = message("error", code="protocol", message=str(exc), fix=None)
     except (KeyboardInterrupt, SystemExit) as exc:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from geoseg.cli import main
@@ -114,6 +115,14 @@ def test_errors_are_reported_and_remembered(engine_env: dict[str, str], tmp_path
     assert unknown.code == "bad_input" and "it knows: diagnostics" in str(unknown)
     report, _ = collect(PYTHON, request("diagnostics"), engine_env)
     assert report["outputs"]["last_error"]["op"] == "fly"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_gpu_that_is_not_there_is_an_error_not_a_cpu_run(engine_env: dict[str, str]) -> None:
+    reply, _ = collect(PYTHON, request("diagnostics", device="cuda"), engine_env)
+    assert isinstance(reply, EngineError) and reply.code == "bad_input"
+    assert reply.args[0] == "device 'cuda' asked for, but torch sees 0 CUDA GPU(s) here"
+    assert reply.fix == "choose auto or cpu as the device in geoseg's Settings"
 
 
 def test_incompatible_or_missing_engine(engine_env: dict[str, str], tmp_path: Path) -> None:
