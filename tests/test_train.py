@@ -160,6 +160,17 @@ def test_train_rejects_missing_data_and_bad_config(tmp_path: Path):
         load_config(bad)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_train_on_an_accelerator_that_is_not_there(sample_build: Path, tmp_path: Path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["trainer"]["accelerator"] = "gpu"
+    config = tmp_path / "gpu.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    res = cli("train", "--config", config, "--data", sample_build, "--out", tmp_path / "r")
+    assert one_line_error(res) == "geoseg: error: trainer: No supported gpu backend found!"
+    assert not (tmp_path / "r").exists()  # nothing written for a run that cannot start
+
+
 def test_evaluate_rejects_foreign_and_missing_checkpoints(sample_build: Path, tmp_path: Path):
     foreign = tmp_path / "random.pt"
     torch.save({"weights": torch.randn(3)}, foreign)

@@ -16,11 +16,13 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from geoseg.classes import CLASS_COLORS, CLASS_NAMES
 from geoseg.datasets.n3c import N3CCalifornia, N3CDataModule
+from geoseg.errors import first_line
 from geoseg.models import MODELS
 from geoseg.train.config import ConfigError, DataError, TrainConfig, save_config
 from geoseg.train.losses import class_weights
@@ -127,8 +129,6 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = 
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build model {cfg.model.name!r}: {exc}") from None
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
 
     t = cfg.trainer
     # Two ModelCheckpoints: Lightning 2.6 refreshes `save_last` only when the monitored score
@@ -138,23 +138,28 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = 
         ModelCheckpoint(out / "checkpoints", filename="last", enable_version_counter=False),
         SaveFinalStep(out / "checkpoints" / "last.ckpt"),
     ]
-    trainer = L.Trainer(
-        default_root_dir=out,
-        max_steps=t.max_steps,
-        max_epochs=t.max_epochs,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        precision=t.precision,
-        gradient_clip_val=t.gradient_clip_val,
-        val_check_interval=t.val_check_interval,
-        limit_val_batches=t.limit_val_batches,
-        log_every_n_steps=t.log_every_n_steps,
-        callbacks=checkpoints,
-        logger=CSVLogger(out, name="logs"),
-        enable_progress_bar=progress,
-        enable_model_summary=progress,
-    )
+    try:  # accelerator/devices this machine lacks: Lightning says which, in one line
+        trainer = L.Trainer(
+            default_root_dir=out,
+            max_steps=t.max_steps,
+            max_epochs=t.max_epochs,
+            accelerator=t.accelerator,
+            devices=t.devices,
+            num_nodes=t.num_nodes,
+            precision=t.precision,
+            gradient_clip_val=t.gradient_clip_val,
+            val_check_interval=t.val_check_interval,
+            limit_val_batches=t.limit_val_batches,
+            log_every_n_steps=t.log_every_n_steps,
+            callbacks=checkpoints,
+            logger=CSVLogger(out, name="logs"),
+            enable_progress_bar=progress,
+            enable_model_summary=progress,
+        )
+    except MisconfigurationException as exc:
+        raise ConfigError(f"trainer: {first_line(exc)}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
     last = out / "checkpoints" / "last.ckpt"
     trainer.fit(task, datamodule=dm, ckpt_path=last if last.is_file() else None)
     return last
