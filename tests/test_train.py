@@ -169,6 +169,9 @@ def test_train_on_an_accelerator_that_is_not_there(sample_build: Path, tmp_path:
     res = cli("train", "--config", config, "--data", sample_build, "--out", tmp_path / "r")
     assert one_line_error(res) == "geoseg: error: trainer: No supported gpu backend found!"
     assert not (tmp_path / "r").exists()  # nothing written for a run that cannot start
+    res = cli("train", "--config", TINY, "--data", sample_build, "--out", tmp_path / "r",
+              "--devices", "abc")  # fmt: skip
+    assert "`devices` selected with `CPUAccelerator` should be an int > 0" in one_line_error(res)
 
 
 def test_evaluate_rejects_foreign_and_missing_checkpoints(sample_build: Path, tmp_path: Path):

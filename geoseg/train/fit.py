@@ -156,7 +156,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = 
             enable_progress_bar=progress,
             enable_model_summary=progress,
         )
-    except MisconfigurationException as exc:
+    except (MisconfigurationException, TypeError, ValueError) as exc:
         raise ConfigError(f"trainer: {first_line(exc)}") from None
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
