@@ -293,10 +293,11 @@ class N3CDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset, sampler = self.datasets[split], None
         trainer = self.trainer
-        if not shuffle and trainer is not None and trainer.world_size > 1:
+        if not shuffle and trainer is not None and 1 < trainer.world_size <= len(dataset):
             # Lightning's DistributedSampler would repeat tiles to give every rank as many
             # batches; metrics (confusion matrices summed over ranks) must see each tile once.
-            # Safe in evaluation: DDP syncs buffers only when gradients are on.
+            # Safe in evaluation as long as every rank has a batch: DDP syncs buffers only on
+            # the first forward after training (fewer tiles than ranks keep Lightning's way).
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
             )
