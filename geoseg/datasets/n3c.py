@@ -30,8 +30,6 @@ from geoseg.datasets.points import PointConfig, read_points, sample_points, sele
 from geoseg.datasets.splits import split_tiles
 from geoseg.models.batch import neighbour_indices
 
-"""Split names of index.parquet; `buffer` tiles separate the others and are normally unused."""
-
 LAYER_BANDS: dict[str, tuple[str, ...]] = {
     "image": ("red", "green", "blue", "nir"),
     "dsm": ("dsm",),

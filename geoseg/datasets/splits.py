@@ -12,6 +12,7 @@ from geoseg.build.split import BUFFER
 from geoseg.build.split import SPLITS as BUILD_SPLITS
 
 SPLITS = (*BUILD_SPLITS, BUFFER)
+"""Split names of index.parquet; `buffer` tiles separate the others and are normally unused."""
 
 
 def split_tiles(root: str | Path, split: str) -> pd.DataFrame:
