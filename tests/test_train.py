@@ -7,7 +7,6 @@ import json
 import math
 import shutil
 from pathlib import Path
-from shutil import ignore_patterns
 
 import pandas as pd
 import pytest
@@ -112,7 +111,9 @@ def test_ddp_on_two_processes_logs_the_metrics_of_the_whole_val_split(
     validates its share of the tiles, each tile once even when the split does not divide
     evenly, and the confusion matrices are summed over ranks, so the logged val metrics equal a
     single-process `geoseg evaluate` of the same weights on the whole split."""
-    build = Path(shutil.copytree(sample_build, tmp_path / "build", ignore=ignore_patterns("cache")))
+    build = Path(
+        shutil.copytree(sample_build, tmp_path / "build", ignore=shutil.ignore_patterns("cache"))
+    )
     index = pd.read_parquet(build / "index.parquet")
     odd = index.drop(index.index[index["split"] == "val"][0])  # an odd number of val tiles
     odd.to_parquet(build / "index.parquet")
