@@ -2,7 +2,7 @@
 """Dataset-builder throughput and memory: tiles/s and peak RSS per worker, 1 vs 2 dask workers.
 
 Each run is a fresh interpreter building the embedded sample region (`--catalog sample`) into a
-fresh folder through the library (`geoseg.build.runner.build_dataset`), exactly as the CLI does.
+fresh folder through the library (`geoseg.builder.runner.build_dataset`), exactly as the CLI does.
 Two numbers per run, because a local dask cluster costs seconds to start:
 
 - wall: the whole `build_dataset` call (search, plan, cluster start, tiles, catalog, report);
@@ -80,7 +80,7 @@ def _worker_usage() -> dict[str, float]:
 
 def _warm_worker() -> None:
     """Import the task's modules before the timer starts (a cost of cluster start-up)."""
-    import geoseg.build.tile  # noqa: F401
+    import geoseg.builder.tile  # noqa: F401
 
 
 def _tree_cpu(proc: psutil.Process) -> float:
@@ -103,7 +103,7 @@ def _busy_cpu() -> float:
 
 def run_once(gsd: float, tile_size: int, workers: int) -> dict[str, Any]:
     """Build the sample once into a fresh folder; the measurements of that build."""
-    import geoseg.build.runner as runner
+    import geoseg.builder.runner as runner
 
     phase: dict[str, Any] = {}
     run_jobs = runner.run_jobs

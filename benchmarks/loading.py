@@ -68,8 +68,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchgeo.datasets import RasterDataset, stack_samples
 from torchgeo.samplers import RandomGeoSampler
 
-from geoseg.build.grid import TileSpec
-from geoseg.build.writers import IMAGE_COLORINTERP, sha256, write_cog, write_json
+from geoseg.builder.grid import TileSpec
+from geoseg.builder.writers import IMAGE_COLORINTERP, sha256, write_cog, write_json
 from geoseg.datasets import TileCacheDataset, build_cache
 
 TILE = 512

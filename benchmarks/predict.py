@@ -39,7 +39,7 @@ from machine import cpu_model
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from geoseg.build.writers import atomic_path
+from geoseg.builder.writers import atomic_path
 from geoseg.classes import CLASS_COLORS, CLASS_NAMES
 from geoseg.models import create_model
 from geoseg.predict import sliding

@@ -88,8 +88,8 @@ def build_dataset_cmd(
     from the LiDAR's ASPRS classes and writes a STAC catalog, a GeoParquet index, stats, splits
     and a report to --out. Rerunning the same command finishes an interrupted build.
     """
-    from geoseg.build.errors import BuildError
-    from geoseg.build.runner import BuildConfig, build_dataset
+    from geoseg.builder.errors import BuildError
+    from geoseg.builder.runner import BuildConfig, build_dataset
     from geoseg.regions import RegionError
     from geoseg.stac.client import StacError
 
@@ -303,14 +303,6 @@ def predict_cmd(
             err=True,
         )
     click.echo(f"predicted {shape[0]} x {shape[1]} px on {props['geoseg:device']}: {out}")
-
-
-@main.command("engine")
-def engine_cmd() -> None:
-    """Serve one JSON-lines protocol request from stdin (what the QGIS plugin runs)."""
-    from geoseg.engine import main as serve
-
-    sys.exit(serve())
 
 
 @main.group("qgis")

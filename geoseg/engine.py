@@ -1,4 +1,6 @@
-"""`python -m geoseg.engine` (or `geoseg engine`): run one protocol request for an outside client.
+"""`python -m geoseg.engine`: run one protocol request for an outside client.
+
+The engine sits above the CLI (it imports `geoseg.cli`; the CLI never imports it).
 
 The QGIS plugin cannot import torch or geoseg in QGIS's own Python (their native libraries crash
 it), so it starts this module in the geoseg environment and speaks `geoseg.protocol` to it. The
@@ -37,8 +39,8 @@ from geoseg.protocol import (
     message,
 )
 
-# Commands a client must not run through the engine: they would nest engines or touch QGIS.
-NOT_OPS = frozenset({"engine", "qgis"})
+# Commands a client must not run through the engine: they touch QGIS.
+NOT_OPS = frozenset({"qgis"})
 EXIT_CODES = {"bad_input": 2, "failed": 1, "cancelled": 130, "protocol": 2, "crash": 3}
 # Files of a finished op worth reporting, relative to its --out folder.
 OUT_FILES = {
@@ -264,7 +266,7 @@ def _read_request(stdin: TextIO) -> dict[str, Any]:
 
 
 def _remember(error: dict[str, Any], req: dict[str, Any] | None) -> None:
-    from geoseg.build.writers import write_json
+    from geoseg.builder.writers import write_json
 
     with contextlib.suppress(OSError):  # then diagnostics can't show it; the client has it
         write_json(last_error_path(), {**error, "op": (req or {}).get("op"), "time": time.time()})

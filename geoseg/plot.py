@@ -24,8 +24,8 @@ from matplotlib.image import AxesImage
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from geoseg.build.plan import PlannedTile
-from geoseg.build.writers import safe_join
+from geoseg.builder.plan import PlannedTile
+from geoseg.builder.writers import safe_join
 from geoseg.classes import CLASS_COLORS, CLASS_NAMES, NOISE_CODES, remap_asprs
 
 __all__ = [

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 from geoseg import __version__
-from geoseg.build.writers import atomic_path
+from geoseg.builder.writers import atomic_path
 
 PLUGIN = "geoseg_qgis"
 SKIP = {"__pycache__", "engine.json"}

@@ -22,7 +22,7 @@ from scipy import ndimage
 from torch import Tensor
 from tqdm import tqdm
 
-from geoseg.build.writers import atomic_path, safe_join
+from geoseg.builder.writers import atomic_path, safe_join
 from geoseg.classes import CLASS_NAMES
 from geoseg.plot import TileLayers, read_tile, stretch
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoseg.build.writers import write_bytes_atomic, write_json
+from geoseg.builder.writers import write_bytes_atomic, write_json
 from geoseg.device import AUTO, resolve_device
 from retrieval.captions import query_for, relevance
 from retrieval.data import TileInfo, load_tiles, tile_rgb

@@ -35,7 +35,7 @@ from shapely.geometry import box
 from torch import Tensor
 from tqdm import tqdm
 
-from geoseg.build.writers import atomic_path
+from geoseg.builder.writers import atomic_path
 from geoseg.device import AUTO, resolve_device
 from geoseg.errors import first_line
 from retrieval.data import CLASSES, TileInfo, load_tiles, tile_rgb

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from geoseg.build.writers import atomic_path
+from geoseg.builder.writers import atomic_path
 from geoseg.device import AUTO, resolve_device
 from geoseg.plot import plot_thumbnails
 from retrieval.data import read_rgb, tile_rgb

@@ -31,7 +31,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from geoseg.build.writers import write_bytes_atomic
+from geoseg.builder.writers import write_bytes_atomic
 from geoseg.device import resolve_device
 from retrieval.embedder import TileEmbedder, atomic_dir, create_embedder, load_embedder
 from retrieval.judge import Judge, JudgePair, LabelJudge, MLLMJudge

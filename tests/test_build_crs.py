@@ -22,9 +22,9 @@ import pytest
 import rasterio
 from pyproj import CRS, Transformer
 
-from geoseg.build.copc import write_copc
-from geoseg.build.rasterize import FLOAT_NODATA
-from geoseg.build.tile import MANIFEST
+from geoseg.builder.copc import write_copc
+from geoseg.builder.rasterize import FLOAT_NODATA
+from geoseg.builder.tile import MANIFEST
 from geoseg.stac.server import sample_catalog_dir, serve_catalog
 from tests.utils import geoseg
 

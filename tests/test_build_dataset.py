@@ -17,7 +17,7 @@ import pytest
 import rasterio
 from rio_cogeo.cogeo import cog_validate
 
-from geoseg.build.tile import FILES, MANIFEST
+from geoseg.builder.tile import FILES, MANIFEST
 from geoseg.classes import CLASS_NAMES
 from tests.utils import GEOSEG, checksums, geoseg
 

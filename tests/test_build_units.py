@@ -7,10 +7,10 @@ import pytest
 import shapely
 from pyproj import CRS
 
-from geoseg.build.grid import TileSpec, plan_cells, same_horizontal_crs
-from geoseg.build.points import vertical_to_metres
-from geoseg.build.rasterize import FLOAT_NODATA, rasterize
-from geoseg.build.split import BUFFER, assign_splits
+from geoseg.builder.grid import TileSpec, plan_cells, same_horizontal_crs
+from geoseg.builder.points import vertical_to_metres
+from geoseg.builder.rasterize import FLOAT_NODATA, rasterize
+from geoseg.builder.split import BUFFER, assign_splits
 from geoseg.classes import remap_asprs
 from geoseg.regions import resolve_region
 

@@ -1,4 +1,4 @@
-"""`geoseg.build.copc.write_copc`: COPC files that laspy.CopcReader reads and queries exactly."""
+"""`geoseg.builder.copc.write_copc`: COPC files that laspy.CopcReader reads and queries exactly."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pyproj import CRS
 
-from geoseg.build.copc import to_copc_format, write_copc
+from geoseg.builder.copc import to_copc_format, write_copc
 
 UTM11_NAVD88 = CRS.from_user_input("EPSG:32611+5703")
 CA4_FTUS = CRS.from_user_input("EPSG:2228+6360")  # NAD83 / California zone 4 (ftUS) + NAVD88 ftUS

@@ -17,7 +17,7 @@ import rasterio
 import torch
 from torch.utils.data import DataLoader
 
-from geoseg.build.writers import sha256
+from geoseg.builder.writers import sha256
 from geoseg.datasets import LAYERS, TileCacheDataset, build_cache
 from geoseg.datasets.cache import TileCache
 from geoseg.datasets.n3c import N3CCalifornia, N3CDataModule

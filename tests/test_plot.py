@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from geoseg.build.runner import BuildConfig, plan_build
+from geoseg.builder.runner import BuildConfig, plan_build
 from geoseg.classes import CLASS_COLORS, CLASS_NAMES
 from geoseg.plot import (
     class_colormap,

@@ -19,7 +19,7 @@ from affine import Affine
 from pyproj import CRS
 from rasterio.windows import Window
 
-from geoseg.build.points import FIELDS
+from geoseg.builder.points import FIELDS
 from geoseg.datasets.n3c import collate
 from geoseg.datasets.points import PointConfig
 from geoseg.models import create_model

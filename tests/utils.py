@@ -9,8 +9,8 @@ from pathlib import Path
 
 from click.testing import CliRunner, Result
 
-from geoseg.build.tile import MANIFEST
-from geoseg.build.writers import sha256
+from geoseg.builder.tile import MANIFEST
+from geoseg.builder.writers import sha256
 from geoseg.cli import main
 
 GEOSEG = [sys.executable, "-m", "geoseg.cli"]

@@ -41,7 +41,7 @@ from rasterio.shutil import copy as rio_copy
 from rasterio.transform import from_origin
 from rio_cogeo.cogeo import cog_validate
 
-from geoseg.build.copc import to_copc_format, write_copc
+from geoseg.builder.copc import to_copc_format, write_copc
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SHARED = REPO.parent / "shared" / "data"
@@ -783,7 +783,7 @@ The script is deterministic: a rerun gives byte-identical files (checksums below
   PHOTOMETRIC=RGB (and ALPHA=UNSPECIFIED for 4 bands); each one is checked with
   `rio_cogeo.cogeo.cog_validate(strict=True)`, for colour interpretation, and for a pixel
   round-trip.
-- COPC: `geoseg.build.copc.write_copc` (copclib, no PDAL), following the recipe in
+- COPC: `geoseg.builder.copc.write_copc` (copclib, no PDAL), following the recipe in
   `shared/reference/measurements.md` section 2: cube root node with `center`/`halfsize` set,
   level of detail by grid thinning (128 root cells, seeded RNG), raw records passed as
   signed-char buffers. The leaf level is the shallowest at which no node holds more than 100,000

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from geoseg.build.split import BUFFER
-from geoseg.build.split import SPLITS as BUILD_SPLITS
+from geoseg.builder.split import BUFFER
+from geoseg.builder.split import SPLITS as BUILD_SPLITS
 
 SPLITS = (*BUILD_SPLITS, BUFFER)
 """Split names of index.parquet; `buffer` tiles separate the others and are normally unused."""

@@ -2,9 +2,9 @@
 
 Prediction never holds a whole scene's points. Points are read per band (one window high, one
 column pass wide; see `geoseg.predict.sliding`) through the builder's own reader,
-`geoseg.build.points.read_tile_points`, so a band gets exactly what a training tile got: the
+`geoseg.builder.points.read_tile_points`, so a band gets exactly what a training tile got: the
 points inside it, reprojected to the scene's CRS, z scaled to metres, one acquisition project.
-That reader (and `rasterize`) take any `geoseg.build.grid.Area`; `Extent` is a band or a window.
+That reader (and `rasterize`) take any `geoseg.builder.grid.Area`; `Extent` is a band or a window.
 
 - COPC files (local, `--points`, or found through STAC) are read with a spatial query per band:
   only the octree nodes overlapping the band are decoded.
@@ -39,15 +39,15 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 from rasterio.windows import bounds as window_bounds
 
-from geoseg.build.errors import TileError
-from geoseg.build.grid import horizontal_crs, transformer
-from geoseg.build.points import (
+from geoseg.builder.errors import TileError
+from geoseg.builder.grid import horizontal_crs, transformer
+from geoseg.builder.points import (
     FIELDS,
     pick_project,
     read_tile_points,
     resolve_crs,
 )
-from geoseg.build.rasterize import FLOAT_NODATA, rasterize
+from geoseg.builder.rasterize import FLOAT_NODATA, rasterize
 from geoseg.classes import NOISE_CODES
 from geoseg.datasets.n3c import points_to_tensors
 from geoseg.datasets.points import PointConfig, prepare_points

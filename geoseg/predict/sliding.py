@@ -48,7 +48,7 @@ from rasterio.windows import transform as window_transform
 from shapely.geometry import box, mapping, shape
 from torch import nn
 
-from geoseg.build.writers import atomic_path, write_json
+from geoseg.builder.writers import atomic_path, write_json
 from geoseg.datasets.n3c import collate
 from geoseg.datasets.points import PointConfig
 from geoseg.device import AUTO, resolve_device

@@ -19,10 +19,10 @@ from pystac.extensions.file import FileExtension
 from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 
-from geoseg.build.grid import TileSpec
-from geoseg.build.rasterize import FLOAT_NODATA
-from geoseg.build.tile import TileResult
-from geoseg.build.writers import atomic_path
+from geoseg.builder.grid import TileSpec
+from geoseg.builder.rasterize import FLOAT_NODATA
+from geoseg.builder.tile import TileResult
+from geoseg.builder.writers import atomic_path
 from geoseg.classes import CLASS_COLORS, CLASS_DESCRIPTIONS, CLASS_NAMES
 from geoseg.regions import Region
 

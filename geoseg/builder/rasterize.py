@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from geoseg.build.grid import Area
+from geoseg.builder.grid import Area
 from geoseg.classes import NOISE_CODES, UNLABELED, remap_asprs
 
 FLOAT_NODATA = -9999.0

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 import geoseg
-from geoseg.build.writers import write_bytes_atomic, write_json
+from geoseg.builder.writers import write_bytes_atomic, write_json
 from geoseg.classes import CLASS_COLORS, CLASS_NAMES
 
 STAT_BANDS = {

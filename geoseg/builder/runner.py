@@ -22,13 +22,13 @@ import shapely
 import yaml
 from tqdm import tqdm
 
-from geoseg.build.catalog import write_catalog
-from geoseg.build.errors import BuildError, EmptySearchError
-from geoseg.build.plan import PlannedTile, plan_tiles
-from geoseg.build.report import write_report
-from geoseg.build.split import assign_splits
-from geoseg.build.tile import TileJob, TileResult, build_tile
-from geoseg.build.writers import remove_stale_temps, write_bytes_atomic
+from geoseg.builder.catalog import write_catalog
+from geoseg.builder.errors import BuildError, EmptySearchError
+from geoseg.builder.plan import PlannedTile, plan_tiles
+from geoseg.builder.report import write_report
+from geoseg.builder.split import assign_splits
+from geoseg.builder.tile import TileJob, TileResult, build_tile
+from geoseg.builder.writers import remove_stale_temps, write_bytes_atomic
 from geoseg.regions import Region, RegionError, check_within, resolve_region
 from geoseg.stac.client import PLANETARY_COMPUTER_URL, find_inputs
 from geoseg.stac.server import sample_catalog_dir, serve_catalog
@@ -191,7 +191,7 @@ def dask_client(cfg: BuildConfig, echo: Callable[[str], None]):
 
 def _warm_up() -> None:
     """Import the tile code on a worker (seconds), so `tile_seconds` times tiles, not imports."""
-    import geoseg.build.tile  # noqa: F401
+    import geoseg.builder.tile  # noqa: F401
 
 
 def run_jobs(client, jobs: list[TileJob], progress: bool, window: int = 256) -> list[TileResult]:

@@ -17,8 +17,8 @@ from rasterio.errors import RasterioError
 from rasterio.warp import Resampling, reproject, transform_bounds
 from rasterio.windows import Window, from_bounds
 
-from geoseg.build.errors import TileError, short_reason
-from geoseg.build.grid import TileSpec, same_horizontal_crs
+from geoseg.builder.errors import TileError, short_reason
+from geoseg.builder.grid import TileSpec, same_horizontal_crs
 from geoseg.stac.items import ImageryItem
 from geoseg.stac.signing import Signer, local_path, with_resign
 

@@ -23,7 +23,7 @@ from rasterio.enums import ColorInterp
 from rasterio.io import MemoryFile
 from rasterio.shutil import copy as rio_copy
 
-from geoseg.build.grid import TileSpec
+from geoseg.builder.grid import TileSpec
 
 TMP_PREFIX = ".tmp-"
 

@@ -14,7 +14,7 @@ import numpy as np
 import shapely
 from pyproj import CRS
 
-from geoseg.build.grid import TileSpec, horizontal_crs, plan_cells, reproject_geometry
+from geoseg.builder.grid import TileSpec, horizontal_crs, plan_cells, reproject_geometry
 from geoseg.stac.items import ImageryItem, PointCloudItem
 
 LONLAT = CRS.from_epsg(4326)

@@ -22,7 +22,7 @@ import laspy
 import numpy as np
 from pyproj import CRS
 
-from geoseg.build.writers import atomic_path
+from geoseg.builder.writers import atomic_path
 
 ROOT_CELLS = 128
 """Thinning grid of the root node per axis: level d keeps one point per cube/(128 * 2^d) cell."""

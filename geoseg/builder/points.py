@@ -16,8 +16,8 @@ import numpy as np
 from pyproj import CRS
 from rasterio.warp import transform_bounds
 
-from geoseg.build.errors import TileError, short_reason
-from geoseg.build.grid import Area, horizontal_crs, same_horizontal_crs, transformer
+from geoseg.builder.errors import TileError, short_reason
+from geoseg.builder.grid import Area, horizontal_crs, same_horizontal_crs, transformer
 from geoseg.stac.items import PointCloudItem
 from geoseg.stac.signing import Signer, local_path, with_resign
 

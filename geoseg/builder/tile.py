@@ -21,12 +21,12 @@ import numpy as np
 import rasterio
 
 import geoseg
-from geoseg.build.errors import TileError, short_reason
-from geoseg.build.grid import TileSpec
-from geoseg.build.imagery import BANDS, IMAGE_NODATA, read_tile_image
-from geoseg.build.points import read_tile_points
-from geoseg.build.rasterize import FLOAT_NODATA, rasterize
-from geoseg.build.writers import (
+from geoseg.builder.errors import TileError, short_reason
+from geoseg.builder.grid import TileSpec
+from geoseg.builder.imagery import BANDS, IMAGE_NODATA, read_tile_image
+from geoseg.builder.points import read_tile_points
+from geoseg.builder.rasterize import FLOAT_NODATA, rasterize
+from geoseg.builder.writers import (
     IMAGE_COLORINTERP,
     safe_join,
     sha256,
