@@ -221,7 +221,9 @@ def make_dataset(root: Path, side: int, seed: int) -> None:
             "std": float(v.std()),
             "count": int(v.size),
         }
-    write_json(out / "stats.json", {"bands": bands, "synthetic_seed": seed})
+    # every tile counts as train: the statistics training reads are the train split's
+    stats = {"bands": bands, "splits": {"train": {"bands": bands}}, "synthetic_seed": seed}
+    write_json(out / "stats.json", stats)
 
 
 def _write_big_cog(path: Path, data: np.ndarray, transform, crs: CRS, nodata: float) -> None:

@@ -63,7 +63,7 @@ def test_cache_holds_the_cog_pixels_exactly(sample_build: Path, train_cache: Pat
 
 
 def test_samples_are_normalised_with_stats_json(sample_build: Path, train_cache: Path):
-    stats = json.loads((sample_build / "stats.json").read_text())
+    stats = json.loads((sample_build / "stats.json").read_text())["splits"]["train"]
     ds = TileCacheDataset(train_cache, sample_build / "stats.json")
     assert ds.bands == ("red", "green", "blue", "nir", "dsm")
     nodata = np.array([0, 0, 0, 0, -9999.0])[:, None, None]

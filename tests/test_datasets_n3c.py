@@ -118,8 +118,9 @@ def test_noise_points_are_dropped(train: N3CCalifornia) -> None:
 
 
 def test_normalisation_uses_stats_json(sample_build: Path) -> None:
+    """A val tile is normalised with the *train* split's statistics."""
     ds = N3CCalifornia(sample_build, "val", bands="rgbn+dsm+intensity", point_config=CFG)
-    stats = json.loads((sample_build / "stats.json").read_text())["bands"]
+    stats = json.loads((sample_build / "stats.json").read_text())["splits"]["train"]["bands"]
     image, _ = ds.read_image(0)
     assert image.shape == (6, SIZE, SIZE) and image.dtype == np.float32
     with rasterio.open(ds.folders[0] / "image.tif") as src:
@@ -233,8 +234,8 @@ def test_torchgeo_segmentation_task_trains_on_the_raster_datasets(
     sample_build: Path, tmp_path: Path
 ) -> None:
     """The image-only baseline with TorchGeo's own trainer, normalised and weighted from the
-    build's stats.json exactly as geoseg's task is (docs/ikdnet.md)."""
-    stats = json.loads((sample_build / "stats.json").read_text())
+    build's stats.json (train split) exactly as geoseg's task is (docs/ikdnet.md)."""
+    stats = json.loads((sample_build / "stats.json").read_text())["splits"]["train"]
     bands = stats["bands"]
     mean = torch.tensor([bands[b]["mean"] for b in N3CImage.all_bands]).view(-1, 1, 1)
     std = torch.tensor([bands[b]["std"] for b in N3CImage.all_bands]).view(-1, 1, 1)

@@ -231,7 +231,7 @@ def swapped_checkpoint(checkpoint: Path, path: Path, model: str, **changes) -> P
 def test_points_baselines_and_lidar_bands_predict(
     checkpoint: Path, scene: Path, sample_build: Path, model: str, tmp_path: Path
 ):
-    stats = json.loads((sample_build / "stats.json").read_text())["bands"]
+    stats = json.loads((sample_build / "stats.json").read_text())["splits"]["train"]["bands"]
     kwargs = {
         "randlanet": ("randlanet", {"point_widths": [4, 8, 16, 32]}, {}),
         "early-fusion": ("early-fusion", {"in_channels": 4, "encoder_name": "resnet18"}, {}),

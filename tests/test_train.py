@@ -70,7 +70,7 @@ def test_steps_after_the_last_validation_are_saved(run: Path, sample_build: Path
 
 def test_checkpoint_round_trip_carries_the_contract(run: Path, sample_build: Path):
     model, contract = load_model(run / "checkpoints" / "last.ckpt")
-    stats = json.loads((sample_build / "stats.json").read_text())["bands"]
+    stats = json.loads((sample_build / "stats.json").read_text())["splits"]["train"]["bands"]
     assert contract["format"] == CONTRACT_FORMAT
     assert contract["bands"] == ["red", "green", "blue", "nir"]
     assert contract["mean"] == pytest.approx([stats[b]["mean"] for b in contract["bands"]])

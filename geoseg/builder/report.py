@@ -1,13 +1,17 @@
 """Dataset statistics, the build report (JSON + Markdown) and a preview picture.
 
 Band mean/std are aggregated from per-tile sums (exact, order-independent); training reads them
-from `stats.json` instead of hard-coding ImageNet or NAIP constants.
+from `stats.json` instead of hard-coding ImageNet or NAIP constants. The top-level statistics
+cover every finished tile (what the report describes); `splits` repeats them per split, because
+training must normalise and weight classes with the train split alone: statistics that include
+val and test tiles leak them into the model.
 """
 
 from __future__ import annotations
 
 import platform
 from collections import Counter
+from collections.abc import Mapping
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,7 @@ from typing import Any
 import numpy as np
 
 import geoseg
+from geoseg.builder.split import SPLITS
 from geoseg.builder.writers import write_bytes_atomic, write_json
 from geoseg.classes import CLASS_COLORS, CLASS_NAMES
 
@@ -25,13 +30,9 @@ STAT_BANDS = {
 }
 
 
-def aggregate_stats(manifests: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "bands": {},
-        "pixels": Counter(),
-        "points": Counter(),
-        "asprs": Counter(),
-    }
+def _sums(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """bands (mean/std/count), pixels, points and asprs counts of some tiles' manifests."""
+    out: dict[str, Any] = {"bands": {}}
     for layer, names in STAT_BANDS.items():
         n = np.zeros(len(names))
         s = np.zeros(len(names))
@@ -50,22 +51,38 @@ def aggregate_stats(manifests: list[dict[str, Any]]) -> dict[str, Any]:
                 "std": float(np.sqrt(max(var[i], 0.0))),
                 "count": int(n[i]),
             }
+    pixels, points, asprs = Counter(), Counter(), Counter()
     for m in manifests:
-        out["pixels"].update(m["pixels"])
-        out["points"].update(m["points"]["n3c"])
-        out["asprs"].update(m["points"]["asprs"])
-    out["pixels"] = {k: out["pixels"].get(k, 0) for k in CLASS_NAMES}
-    out["points"] = {k: out["points"].get(k, 0) for k in CLASS_NAMES}
-    out["asprs"] = dict(sorted(out["asprs"].items(), key=lambda kv: int(kv[0])))
+        pixels.update(m["pixels"])
+        points.update(m["points"]["n3c"])
+        asprs.update(m["points"]["asprs"])
+    out["pixels"] = {k: pixels.get(k, 0) for k in CLASS_NAMES}
+    out["points"] = {k: points.get(k, 0) for k in CLASS_NAMES}
+    out["asprs"] = dict(sorted(asprs.items(), key=lambda kv: int(kv[0])))
+    return out
+
+
+def aggregate_stats(
+    manifests: list[dict[str, Any]], splits: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """stats.json: statistics of all tiles, class names/colours and, given the tile id -> split
+    map, `splits` = the same statistics per split (train, val, test; an empty split has zero
+    counts). Buffer tiles count only in the top level."""
+    out = _sums(manifests)
     out["class_names"] = list(CLASS_NAMES)
     out["class_colors"] = {CLASS_NAMES[k]: list(v) for k, v in CLASS_COLORS.items()}
+    if splits is not None:
+        out["splits"] = {
+            name: _sums([m for m in manifests if splits.get(m["tile_id"]) == name])
+            for name in SPLITS
+        }
     return out
 
 
 def write_report(out: Path, summary, splits: dict[str, str], search: dict, cfg) -> dict[str, Any]:
     """Write stats.json, splits.json, report.json, report.md and preview.png; return the report."""
     done = [r for r in summary.results if r.status in ("built", "cached")]
-    stats = aggregate_stats([r.manifest for r in done])
+    stats = aggregate_stats([r.manifest for r in done], splits)
     write_json(out / "stats.json", stats)
     by_split: dict[str, list[str]] = {}
     for tid, s in sorted(splits.items()):

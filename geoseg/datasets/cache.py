@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from geoseg.datasets.points import read_points, select_points
-from geoseg.datasets.splits import split_tiles
+from geoseg.datasets.splits import split_stats, split_tiles
 
 LAYERS = ("image", "label", "dsm", "intensity", "num_returns")
 """Raster layers of a tile folder (`tiles/<id>/<layer>.tif`), as build-dataset writes them."""
@@ -304,7 +304,8 @@ class TileCacheDataset(_PerProcessMaps, Dataset[dict[str, Tensor]]):
     """Samples `{"image": float32 (C, h, w), "mask": int64 (h, w)}` from a training cache.
 
     `image` stacks the bands of `channels` (default R, G, B, NIR, DSM), each normalised with the
-    mean/std in `stats` (the dataset's stats.json or its parsed content: nothing hard-coded).
+    mean/std in `stats` (a build's stats.json, whose train split is used, or one split's parsed
+    statistics, e.g. `split_stats(root)`: nothing hard-coded).
     Layers without statistics (num_returns) stay raw. Nodata pixels (image 0, e.g. the NIR of
     3-band scenes; dsm/intensity −9999) become 0, the band mean, instead of outliers of up to
     −3000σ. `mask` names the label layer (0 = unlabeled), or None for no mask. `crop` cuts a
@@ -334,7 +335,7 @@ class TileCacheDataset(_PerProcessMaps, Dataset[dict[str, Tensor]]):
         if crop is not None and not 0 < crop <= min(self.height, self.width):
             raise ValueError(f"crop must be in 1..{min(self.height, self.width)}, got {crop}")
         if not isinstance(stats, Mapping):
-            stats = json.loads(Path(stats).read_text())
+            stats = split_stats(Path(stats).parent, "train")
 
         self.tile_ids: list[str] = meta["tile_ids"]
         self.channels = tuple(channels)

@@ -9,7 +9,6 @@ geo-samplers can cut arbitrary windows across tiles (image and mask only: points
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from torchgeo.datasets import NonGeoDataset, RasterDataset
 
 from geoseg.datasets.cache import TileCache, build_cache
 from geoseg.datasets.points import PointConfig, read_points, sample_points, select_points
-from geoseg.datasets.splits import split_tiles
+from geoseg.datasets.splits import split_stats, split_tiles
 from geoseg.models.batch import neighbour_indices
 
 LAYER_BANDS: dict[str, tuple[str, ...]] = {
@@ -78,7 +77,8 @@ def tile_files(root: str | Path, split: str, layer: str) -> list[Path]:
 class N3CCalifornia(NonGeoDataset):
     """One split of a build: image + mask + point pyramid per tile.
 
-    Sample keys: image float32 (C, H, W) normalised with stats.json (nodata -> 0, the mean);
+    Sample keys: image float32 (C, H, W) normalised (nodata -> 0, the mean) with `mean_std`,
+    by default the band statistics of the build's *train* split (stats.json), for every split;
     mask int64 (H, W) (0 = unlabeled); points (`PointsBatch` tensors without batch axis);
     point_labels int64 (N,); tile_id. `bands` is a preset of `BAND_PRESETS` or band names.
 
@@ -105,19 +105,19 @@ class N3CCalifornia(NonGeoDataset):
         seed: int | None = None,
         neighbours: bool = True,
         cache: str | Path | None = None,
+        mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         self.root = Path(root)
         tiles = split_tiles(self.root, split)
-        stats_path = self.root / "stats.json"
-        if not stats_path.is_file():
-            raise FileNotFoundError(f"{stats_path} not found; rebuild with geoseg build-dataset")
         self.bands = _band_names(bands)
         if not self.bands:
             raise ValueError("no bands selected")
         self._sources = [_band_layer(b) for b in self.bands]
-        stats = json.loads(stats_path.read_text())["bands"]
-        self.mean = np.array([stats[b]["mean"] for b in self.bands], np.float32)
-        self.std = np.array([stats[b]["std"] or 1.0 for b in self.bands], np.float32)
+        if mean_std is None:
+            stats = split_stats(self.root, "train")["bands"]
+            mean_std = [stats[b]["mean"] for b in self.bands], [stats[b]["std"] for b in self.bands]
+        self.mean = np.array(mean_std[0], np.float32)
+        self.std = np.array([s or 1.0 for s in mean_std[1]], np.float32)
         self.point_config = point_config or PointConfig()
         step = 2**self.point_config.levels
         if (tiles["size"] % step).any():

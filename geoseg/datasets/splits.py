@@ -1,10 +1,12 @@
-"""The tiles of one split of a build, from its `index.parquet`: the one reader of that index
-for training, so every dataset and the training cache agree on the tiles, their order and the
-error a user sees for a wrong folder or split."""
+"""The tiles of one split of a build (`index.parquet`) and its statistics (`stats.json`): the one
+reader of both for training, so every dataset and the training cache agree on the tiles, their
+order, the statistics and the error a user sees for a wrong folder or split."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -36,3 +38,23 @@ def split_tiles(root: str | Path, split: str) -> pd.DataFrame:
         if inside not in (root / path).resolve().parents:
             raise ValueError(f"index path {path} is outside {root}")
     return tiles
+
+
+def split_stats(root: str | Path, split: str = "train") -> dict[str, Any]:
+    """One split's statistics from `<root>/stats.json` (bands, pixels, points, asprs).
+
+    Training normalises and weights classes with the *train* split only: statistics summed over
+    every split would leak val and test into the model. A stats.json written before geoseg kept
+    per-split statistics is refused with the fix: rerunning build-dataset with the same
+    arguments reuses every finished tile and only rewrites the statistics.
+    """
+    path = Path(root) / "stats.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; rebuild with geoseg build-dataset")
+    stats = json.loads(path.read_text())
+    if split not in stats.get("splits", {}):
+        raise ValueError(
+            f"{path} has no per-split statistics (an older build): rerun geoseg build-dataset "
+            "with the same arguments to rewrite them (finished tiles are reused, not rebuilt)"
+        )
+    return stats["splits"][split]

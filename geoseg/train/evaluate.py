@@ -28,16 +28,15 @@ def _dataset(data: Path, split: str, contract: dict[str, Any]) -> N3CCalifornia:
     """The split read as the contract prescribes; a different pixel size is refused."""
     try:
         dataset = N3CCalifornia(
-            data, split, contract["bands"], PointConfig(**contract["points"]), contract["seed"]
-        )
+            data, split, contract["bands"], PointConfig(**contract["points"]), contract["seed"],
+            mean_std=(contract["mean"], contract["std"]),
+        )  # fmt: skip
         gsd = pd.read_parquet(data / "index.parquet", columns=["split", "gsd"])
     except (FileNotFoundError, ValueError) as exc:
         raise DataError(str(exc)) from None
     gsds = sorted(set(gsd.loc[gsd["split"] == split, "gsd"]))
     if gsds != [contract["gsd"]]:
         raise DataError(f"{data} split {split!r} has gsd {gsds} m; model expects {contract['gsd']}")
-    dataset.mean = np.asarray(contract["mean"], np.float32)
-    dataset.std = np.asarray(contract["std"], np.float32)
     return dataset
 
 

@@ -8,7 +8,6 @@ before Lightning starts, so a wrong path or key fails in one line instead of a t
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from geoseg.classes import CLASS_COLORS, CLASS_NAMES
 from geoseg.datasets.n3c import N3CCalifornia, N3CDataModule
+from geoseg.datasets.splits import split_stats
 from geoseg.errors import first_line
 from geoseg.models import MODELS
 from geoseg.train.config import ConfigError, DataError, TrainConfig, save_config
@@ -109,7 +109,7 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = 
     )  # fmt: skip
     try:
         dm.setup("fit")
-        stats = json.loads((data / "stats.json").read_text())
+        stats = split_stats(data, "train")
         weights = class_weights(stats["pixels"]), class_weights(stats["points"])
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise DataError(str(exc)) from None
