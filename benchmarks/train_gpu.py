@@ -268,9 +268,9 @@ def loading(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         def points(neighbours: bool, from_cache: bool = False) -> Callable[[], Any]:
             if from_cache:
                 return lambda: sample_points(
-                    cached.points(0), transform, 512, cfg, rng, False, neighbours
+                    cached.points(0), transform, 512, cfg, rng, None, neighbours
                 )
-            return lambda: prepare_points(arrays, transform, 512, cfg, rng, False, neighbours)
+            return lambda: prepare_points(arrays, transform, 512, cfg, rng, None, neighbours)
 
         cogs = N3CCalifornia(scratch / "dataset", "train", "rgbn", cfg)
         parts = {

@@ -164,8 +164,9 @@ def train_cmd(
 ) -> None:
     """Train a model on a build; rerunning the same command resumes from RUN/checkpoints/last.ckpt.
 
-    Writes the resolved config to RUN/config.yaml, checkpoints (last.ckpt and the best val_loss)
-    carrying the model contract to RUN/checkpoints and CSV logs to RUN/logs.
+    Writes the resolved config to RUN/config.yaml, checkpoints (last.ckpt and the best by val
+    mIoU) carrying the model contract to RUN/checkpoints, CSV logs to RUN/logs and the model
+    card to RUN/model_card.json/.md.
     """
     from geoseg.train.config import ConfigError, DataError, load_config
     from geoseg.train.fit import train

@@ -19,7 +19,7 @@ from torchgeo.datasets import stack_samples
 from torchgeo.samplers import RandomGeoSampler
 from torchgeo.trainers import SemanticSegmentationTask
 
-from geoseg.classes import CLASS_NAMES, NOISE_CODES, UNLABELED
+from geoseg.classes import CLASS_NAMES, NOISE_CODES, UNLABELED, remap_asprs
 from geoseg.datasets.n3c import (
     N3CCalifornia,
     N3CDataModule,
@@ -31,11 +31,14 @@ from geoseg.datasets.n3c import (
 )
 from geoseg.datasets.points import (
     PointConfig,
+    TileAugment,
+    View,
     augment,
     pixels_to_points,
     points_to_pixels,
     prepare_points,
     sample_fixed,
+    select_points,
 )
 from geoseg.models import create_model
 from geoseg.train.losses import class_weights
@@ -143,12 +146,46 @@ def test_sample_fixed_pads_with_duplicates_and_is_seeded() -> None:
     assert len(set(sample_fixed(100, 25, np.random.default_rng(0)))) == 25  # no replacement
 
 
+def test_sample_with_replacement_as_released() -> None:
+    idx = sample_fixed(100, 100, np.random.default_rng(0), replace=True)
+    assert len(idx) == 100 and len(set(idx)) < 80  # ~63 distinct of 100 draws
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_label_counts_cover_every_point_of_the_tile_once(
+    train: N3CCalifornia, padded: bool
+) -> None:
+    """Scored samples count each thinned point of the tile once, whether the sample leaves
+    points out (fewer points than the tile's) or pads with duplicates (more)."""
+    index = _richest(train)
+    points = select_points(train.read_points(index), CFG.grid_size)
+    num_points = 2 * len(points["x"]) if padded else 2048
+    assert padded or num_points < len(points["x"])
+    scored = N3CCalifornia(
+        train.root, "train", point_config=replace(CFG, num_points=num_points), seed=0,
+        score_points=True,
+    )  # fmt: skip
+    sample = scored[index]
+    counts = sample["point_counts"].numpy()
+    n = len(points["x"])
+    assert counts.sum() == n and counts.shape == (num_points, len(CLASS_NAMES))
+    expected = np.bincount(remap_asprs(points["classification"]), minlength=len(CLASS_NAMES))
+    np.testing.assert_array_equal(counts.sum(0), expected)
+    labels = sample["point_labels"].numpy()
+    drawn = counts.sum(1) > 0
+    if num_points > n:  # every point drawn: it counts exactly itself, duplicates nothing
+        assert drawn.sum() == n and (counts[drawn].argmax(1) == labels[drawn]).all()
+    else:  # a drawn point counts itself plus the undrawn points nearest to it
+        assert drawn.all() and (counts[np.arange(num_points), labels] >= 1).all()
+    assert "point_counts" not in train[index]
+
+
 def test_augmentation_keeps_pixels_and_is_seeded(train: N3CCalifornia) -> None:
     arrays, transform = _tile(train, 0)
     aug_cfg = replace(CFG, augment=True)
 
-    def run(cfg: PointConfig, seed: int, flip: bool = False) -> dict:
-        return prepare_points(arrays, transform, SIZE, cfg, np.random.default_rng(seed), flip)
+    def run(cfg: PointConfig, seed: int, view: View | None = None) -> dict:
+        return prepare_points(arrays, transform, SIZE, cfg, np.random.default_rng(seed), view)
 
     plain, aug = run(CFG, 1), run(aug_cfg, 1)
     for a, b in zip(plain["pixels"], aug["pixels"], strict=True):
@@ -158,11 +195,17 @@ def test_augmentation_keeps_pixels_and_is_seeded(train: N3CCalifornia) -> None:
     for a, b in zip(aug["xyz"], run(aug_cfg, 1)["xyz"], strict=True):
         np.testing.assert_array_equal(a, b)
 
-    flipped = run(CFG, 1, flip=True)
+    flipped = run(CFG, 1, View(flip=True))
     for level, (a, b) in enumerate(zip(plain["pixels"], flipped["pixels"], strict=True)):
         np.testing.assert_array_equal(b[:, 0], a[:, 0])
         np.testing.assert_array_equal(b[:, 1], SIZE // 2**level - 1 - a[:, 1])
     np.testing.assert_array_equal(flipped["xyz"][0][:, 0], -plain["xyz"][0][:, 0])
+    turned = run(CFG, 1, View(turns=1))  # np.rot90: (row, col) -> (W - 1 - col, row)
+    for level, (a, b) in enumerate(zip(plain["pixels"], turned["pixels"], strict=True)):
+        np.testing.assert_array_equal(b[:, 0], SIZE // 2**level - 1 - a[:, 1])
+        np.testing.assert_array_equal(b[:, 1], a[:, 0])
+    xy, turned_xy = plain["xyz"][0][:, :2], turned["xyz"][0][:, :2]  # east -> north
+    np.testing.assert_array_equal(turned_xy, np.stack([-xy[:, 1], xy[:, 0]], axis=1))
 
     xyz = plain["xyz"][0].astype(np.float64)
     moved, record = augment(xyz, np.random.default_rng(2), jitter=0.0)
@@ -173,30 +216,53 @@ def test_augmentation_keeps_pixels_and_is_seeded(train: N3CCalifornia) -> None:
     np.testing.assert_allclose(moved_dist, record.scale * dist, rtol=1e-4)
 
 
-def test_dataset_flip_moves_image_mask_and_points_together(train: N3CCalifornia) -> None:
-    index = _richest(train)  # trees and buildings: a wrong flip would break point-mask agreement
-    aug = N3CCalifornia(train.root, "train", point_config=replace(CFG, augment=True))
+@pytest.mark.parametrize("rotate", [False, True])
+def test_dataset_views_move_image_mask_and_points_together(
+    train: N3CCalifornia, rotate: bool
+) -> None:
+    """Random flips (and quarter turns) move image, mask and point pixels as one."""
+    index = _richest(train)  # trees and buildings: a wrong view would break point-mask agreement
+    aug = N3CCalifornia(
+        train.root, "train", point_config=replace(CFG, augment=True),
+        augment=TileAugment(flip=True, rotate=rotate),
+    )  # fmt: skip
     plain = train[index]
-    flips = []
-    for seed in range(6):
+    views = [View(flip, turns) for flip in (False, True) for turns in range(4 if rotate else 1)]
+    seen = set()
+    for seed in range(10):
         aug.seed = seed
         sample = aug[index]
-        flipped = not torch.equal(sample["image"], plain["image"])
-        expected = plain["image"].flip(-1) if flipped else plain["image"]
-        assert torch.equal(sample["image"], expected)
-        assert torch.equal(sample["mask"], plain["mask"].flip(-1) if flipped else plain["mask"])
-        # points under a canopy disagree with the (top-surface) mask, so compare with a mask
-        # flipped the wrong way: ~0.72 vs ~0.56 agreement on this tile
+        matches = [
+            v for v in views if np.array_equal(v.apply(plain["image"].numpy()), sample["image"])
+        ]
+        view = matches[0]
+        assert np.array_equal(view.apply(plain["mask"].numpy()), sample["mask"])
+        # points under a canopy disagree with the (top-surface) mask, so compare with the mask
+        # of the wrong view: ~0.72 vs ~0.56 agreement on this tile for a flip
         rows, cols = sample["points"]["pixels"][0].unbind(-1)
         labels = sample["point_labels"]
         agreement = []
-        for mask in (sample["mask"], sample["mask"].flip(-1)):
+        wrong = View(not view.flip, view.turns).apply(plain["mask"].numpy())
+        for mask in (sample["mask"], torch.from_numpy(wrong)):
             known = (mask[rows, cols] != UNLABELED) & (labels != UNLABELED)
             agreement.append((mask[rows, cols][known] == labels[known]).float().mean())
         assert agreement[0] > agreement[1] + 0.1
         assert torch.equal(aug[index]["points"]["xyz"][0], sample["points"]["xyz"][0])  # seeded
-        flips.append(flipped)
-    assert any(flips) and not all(flips)
+        seen.add(view)
+    assert len(seen) > (4 if rotate else 1)
+
+
+def test_colour_jitter_changes_bands_affinely(train: N3CCalifornia) -> None:
+    jittered = N3CCalifornia(
+        train.root, "train", point_config=replace(CFG, augment=True), seed=1,
+        augment=TileAugment(flip=False, jitter=0.2),
+    )  # fmt: skip
+    plain, moved = train[0]["image"].numpy(), jittered[0]["image"].numpy()
+    for band in range(plain.shape[0]):
+        slope, offset = np.polyfit(plain[band].ravel(), moved[band].ravel(), 1)
+        assert 0.8 <= slope <= 1.2 and abs(offset) <= 0.2 and slope != 1.0
+    with pytest.raises(ValueError, match="jitter"):
+        TileAugment(jitter=1.5)
 
 
 def test_dataloader_batch_runs_ikdnet(train: N3CCalifornia) -> None:

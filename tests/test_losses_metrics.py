@@ -16,6 +16,7 @@ from geoseg.train import (
     ConfusionMatrix,
     HolisticLoss,
     class_weights,
+    majority_baseline,
     metrics,
     point_pixel_consistency,
     predict_labels,
@@ -189,6 +190,29 @@ def test_confusion_matrix_excludes_unlabeled_targets() -> None:
     assert cm.matrix.sum() == 0
     with pytest.raises(ValueError):
         cm.update(torch.tensor([5]), torch.tensor([1]))
+
+
+def test_confusion_from_label_counts_scores_each_point_once() -> None:
+    """`update_counts`: a prediction scores every point it stands for; duplicates score none."""
+    pred = torch.tensor([[2, 3, 3]])
+    counts = torch.tensor([[[1, 4, 0, 0, 0], [0, 0, 2, 1, 0], [0, 0, 0, 0, 0]]], dtype=torch.int32)
+    cm = ConfusionMatrix()
+    cm.update_counts(pred, counts)
+    expected = torch.zeros(5, 5, dtype=torch.int64)
+    expected[1, 2] = 4  # 4 "others" points represented by a point predicted ground
+    expected[2, 3], expected[3, 3] = 2, 1
+    assert torch.equal(cm.matrix, expected)  # the unlabeled count (1) is dropped
+    with pytest.raises(ValueError, match="count rows"):
+        cm.update_counts(pred, counts[:, :2])
+
+
+def test_majority_baseline_is_a_constant_map() -> None:
+    cm = torch.zeros(5, 5, dtype=torch.int64)
+    cm[2, 2], cm[3, 2], cm[3, 3] = 60, 10, 30  # ground 60, tree 40
+    base = majority_baseline(cm, 2)
+    assert base["oa"] == pytest.approx(0.6)
+    assert base["iou/ground"] == pytest.approx(0.6) and base["iou/tree"] == 0.0
+    assert base["miou"] == pytest.approx(0.3) and base["kappa"] == pytest.approx(0.0)
 
 
 def test_predict_labels_never_predicts_unlabeled() -> None:

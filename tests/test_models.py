@@ -148,6 +148,22 @@ def test_ckg_matches_released_acf_formula() -> None:
     assert torch.allclose(ckg(features, coarse), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("ckg_unlabeled", [False, True])
+def test_ckg_class_map_excludes_the_untrained_unlabeled_score(
+    batch: Batch, ckg_unlabeled: bool
+) -> None:
+    """By default the CKG pools class centres from the 4 real classes' point scores only: the
+    class-0 score, which no loss trains, cannot move the pixel logits."""
+    model = tiny_ikdnet(ckg_unlabeled=ckg_unlabeled).eval()
+    with torch.no_grad():
+        before = model(batch)["logits"]
+        last = model.points.head[-1][0]  # the 32 -> num_classes 1x1 conv of the point head
+        last.weight[0].add_(torch.randn_like(last.weight[0]))
+        last.bias[0].add_(3.0)
+        after = model(batch)["logits"]
+    assert torch.equal(before, after) != ckg_unlabeled
+
+
 def test_ablations_change_the_graph(batch: Batch) -> None:
     no_gkg = tiny_ikdnet(use_gkg=False)
     assert no_gkg.gkg is None and no_gkg(batch)["gates"] is None

@@ -42,6 +42,52 @@ def test_train_saves_resolved_config_and_last_checkpoint(run: Path):
     assert list((run / "checkpoints").glob("best-*.ckpt"))
 
 
+def test_train_writes_a_model_card_with_the_best_validation(run: Path, sample_build: Path):
+    """contracts.md #2: model_card.json (the keys the QGIS plugin reads) and model_card.md."""
+    card = json.loads((run / "model_card.json").read_text())
+    keys = ("model", "data", "splits", "classes", "bands", "gsd", "tile_size", "needs_points",
+            "metrics", "intended_use", "limits", "seed", "created")  # fmt: skip
+    assert set(keys) <= set(card)
+    assert card["model"] == "ikdnet" and card["needs_points"] is True
+    assert card["data"]["catalog"] == "sample"
+    assert card["splits"]["train"] == (pd.read_parquet(sample_build / "index.parquet")["split"]
+                                       == "train").sum()  # fmt: skip
+    assert [c["name"] for c in card["classes"]] == ["unlabeled", "others", "ground", "tree",
+                                                   "building"]  # fmt: skip
+    assert card["bands"] == ["red", "green", "blue", "nir"] and card["gsd"] == 0.5
+    val = card["metrics"]["val"]
+    assert (run / "checkpoints" / val["checkpoint"]).is_file()  # the best checkpoint it describes
+    assert set(val) >= {"miou", "oa", "kappa", "iou", "points", "baseline", "step"}
+    assert val["baseline"]["predicts"] == card["majority_class"] == "ground"
+    assert card["training"]["steps"] == 2 and card["training"]["cpu_seconds"] > 0
+    text = (run / "model_card.md").read_text()
+    assert "## Intended use" in text and "## Limits" in text and "| val |" in text
+
+
+def test_best_checkpoint_is_chosen_by_val_miou(run: Path):
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    key, best = next((k, v) for k, v in ckpt["callbacks"].items() if "val_miou" in k)
+    assert "'mode': 'max'" in key
+    assert best["best_model_path"].endswith("best-step=2.ckpt")
+
+
+def test_an_epoch_is_a_number_of_sampled_tiles(sample_build: Path, tmp_path: Path):
+    """data.epoch_tiles: an epoch draws that many tiles, and the LR decays once per epoch."""
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["data"] |= {"epoch_tiles": 3, "batch_size": 1}
+    cfg["optim"]["gamma"] = 0.5
+    cfg["trainer"] |= {"max_steps": -1, "max_epochs": 2, "val_check_interval": None,
+                       "limit_val_batches": 1}  # fmt: skip
+    config = tmp_path / "epochs.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    res = cli("train", "--config", config, "--data", sample_build, "--out", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["epoch"] == 1  # 2 epochs x 3 tiles
+    assert ckpt["lr_schedulers"][0]["_last_lr"] == [pytest.approx(1e-3 * 0.5**2)]
+
+
 def test_rerun_resumes_from_last_checkpoint(run: Path, sample_build: Path, tmp_path: Path):
     resumed = tmp_path / "run"
     resumed.mkdir()
@@ -97,6 +143,12 @@ def test_evaluate_writes_metrics_and_confusion(run: Path, sample_build: Path, tm
         for key in ("miou", "oa", "kappa", "macc", "mf1", "iou/ground", "f1/tree"):
             assert key in result[kind], (kind, key)
         assert 0.0 <= result[kind]["oa"] <= 1.0
+    assert result["baseline"]["predicts"] == "ground"  # the card's training majority class
+    card = json.loads((run / "model_card.json").read_text())
+    test = card["metrics"]["test"]
+    assert test["checkpoint"] == "last.ckpt" and test["tiles"] == result["tiles"]
+    assert test["miou"] == pytest.approx(result["pixels"]["miou"], nan_ok=True)
+    assert "| test |" in (run / "model_card.md").read_text()
     confusion = json.loads((out / "confusion.json").read_text())
     assert len(confusion["matrix"]) == 4  # target rows 1..4: unlabeled excluded
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
@@ -159,6 +211,20 @@ def test_train_rejects_missing_data_and_bad_config(tmp_path: Path):
     with pytest.raises(ConfigError, match="num_points"):
         bad.write_text("data: {points: {num_points: 10}}\n")
         load_config(bad)
+    for text, match in (("data: {augment: {mirror: true}}", "bad data.augment"),
+                        ("data: {normalise: imagenet1k}", "data.normalise"),
+                        ("data: {epoch_tiles: 0}", "epoch_tiles")):  # fmt: skip
+        bad.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=match):
+            load_config(bad)
+
+
+def test_imagenet_normalisation_is_for_rgb_only(sample_build: Path, tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text().replace("bands: rgbn", "bands: rgbn\n  normalise: imagenet"))
+    res = cli("train", "--config", bad, "--data", sample_build, "--out", tmp_path / "r")
+    assert "imagenet has no statistics for bands ['nir']" in one_line_error(res)
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")

@@ -21,11 +21,18 @@ import torch
 from affine import Affine
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from torchgeo.datasets import NonGeoDataset, RasterDataset
 
 from geoseg.datasets.cache import TileCache, build_cache
-from geoseg.datasets.points import PointConfig, read_points, sample_points, select_points
+from geoseg.datasets.points import (
+    PointConfig,
+    TileAugment,
+    View,
+    read_points,
+    sample_points,
+    select_points,
+)
 from geoseg.datasets.splits import split_stats, split_tiles
 from geoseg.models.batch import neighbour_indices
 
@@ -52,7 +59,7 @@ def _band_layer(band: str) -> tuple[str, int]:
     raise ValueError(f"unknown band {band!r}; choose from {known} or presets {list(BAND_PRESETS)}")
 
 
-def _band_names(bands: str | Sequence[str]) -> tuple[str, ...]:
+def band_names(bands: str | Sequence[str]) -> tuple[str, ...]:
     """Band names of a preset or a list of names."""
     if isinstance(bands, str) and bands not in BAND_PRESETS:
         raise ValueError(f"unknown band preset {bands!r}; choose from {list(BAND_PRESETS)}")
@@ -87,8 +94,15 @@ class N3CCalifornia(NonGeoDataset):
     DataLoader seeds per worker and epoch, so `lightning.seed_everything` makes training
     reproducible while every epoch sees new samples.
 
+    Augmentation is on when `point_config.augment` is: the points' own (rotation, scale,
+    jitter) and the tile's, `augment` (a random flip by default; quarter turns and colour
+    jitter on request), which moves the image, mask and points together.
+
     `neighbours=False` leaves the kNN indices out of `points`: a GPU trainer computes them for
     the whole batch on the device (`N3CDataModule.on_after_batch_transfer`).
+    `score_points` adds `point_counts` (N, K) int32: the labels of the tile's points that each
+    sampled point stands for (`geoseg.datasets.points.label_counts`), so point metrics count
+    every point of the tile once rather than the padded sample.
 
     `cache`: a training cache of this split holding the bands' layers, the label and the points
     (`build_cache(root, split, point_grid=point_config.grid_size)`); samples then read the pixels
@@ -106,10 +120,14 @@ class N3CCalifornia(NonGeoDataset):
         neighbours: bool = True,
         cache: str | Path | None = None,
         mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
+        augment: TileAugment | None = None,
+        score_points: bool = False,
     ) -> None:
         self.root = Path(root)
+        self.augment = augment or TileAugment()
+        self.score_points = score_points
         tiles = split_tiles(self.root, split)
-        self.bands = _band_names(bands)
+        self.bands = band_names(bands)
         if not self.bands:
             raise ValueError("no bands selected")
         self._sources = [_band_layer(b) for b in self.bands]
@@ -179,27 +197,35 @@ class N3CCalifornia(NonGeoDataset):
             with rasterio.open(self.folders[index] / "label.tif") as src:
                 mask = src.read(1).astype(np.int64)
         rng = self._rng(index)
-        flip = self.point_config.augment and bool(rng.random() < 0.5)
         cfg = self.point_config
+        view = View.draw(rng, self.augment.flip, self.augment.rotate) if cfg.augment else None
         if self.cache is not None:
             points = self.cache.points(index)
         else:
             points = select_points(self.read_points(index), cfg.grid_size)
-        pts = sample_points(points, transform, mask.shape, cfg, rng, flip, self.neighbours)
-        if flip:
-            image, mask = image[..., ::-1].copy(), mask[..., ::-1].copy()
+        pts = sample_points(
+            points, transform, mask.shape, cfg, rng, view, self.neighbours, self.score_points
+        )
+        if view is not None:
+            image, mask = view.apply(image), view.apply(mask)
+        if cfg.augment and self.augment.jitter > 0:
+            image = self.augment.colour(image, rng)
         labels = pts.pop("labels")
-        return {
+        sample = {
             "image": torch.from_numpy(image),
             "mask": torch.from_numpy(mask),
-            "points": points_to_tensors(pts),
             "point_labels": torch.from_numpy(labels),
             "tile_id": self.tile_ids[index],
         }
+        if "label_counts" in pts:
+            sample["point_counts"] = torch.from_numpy(pts.pop("label_counts"))
+        sample["points"] = points_to_tensors(pts)
+        return sample
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack `N3CCalifornia` samples into a model `Batch` plus mask, point_labels, tile_id."""
+    """Stack `N3CCalifornia` samples into a model `Batch` plus mask, point_labels, tile_id (and
+    point_counts when scored)."""
 
     def stack(key: str) -> Tensor:
         return torch.stack([s[key] for s in samples])
@@ -211,13 +237,16 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         else torch.stack([s["points"][key] for s in samples])
         for key, value in first.items()
     }
-    return {
+    batch = {
         "image": stack("image"),
         "mask": stack("mask"),
         "points": points,
         "point_labels": stack("point_labels"),
         "tile_id": [s["tile_id"] for s in samples],
     }
+    if "point_counts" in samples[0]:
+        batch["point_counts"] = stack("point_counts")
+    return batch
 
 
 class N3CImage(RasterDataset):
@@ -240,8 +269,12 @@ class N3CLabel(RasterDataset):
 
 
 class N3CDataModule(L.LightningDataModule):
-    """train/val/test loaders of one build; val and test are seeded, train is augmented.
+    """train/val/test loaders of one build; val and test are seeded and score every point of
+    their tiles (`score_points`), train is augmented (`augment` for the tile-level part).
 
+    `epoch_tiles`: a training epoch is that many tiles drawn at random with replacement, as in
+    the released config (2000 per epoch); None = one shuffled pass over the train split.
+    `mean_std`: image normalisation, by default the train split's band statistics.
     `neighbours=False`: the workers skip the kNN indices (see `N3CCalifornia`) and
     `on_after_batch_transfer` computes them for the whole batch on the training device.
     `cache_dir`: read tiles from a training cache there (`<cache_dir>/<split>`), built on
@@ -258,8 +291,13 @@ class N3CDataModule(L.LightningDataModule):
         seed: int = 0,
         neighbours: bool = True,
         cache_dir: str | Path | None = None,
+        epoch_tiles: int | None = None,
+        augment: TileAugment | None = None,
+        mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
+        if epoch_tiles is not None and epoch_tiles < 1:
+            raise ValueError(f"epoch_tiles must be >= 1, got {epoch_tiles}")
         self.root = Path(root)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -268,19 +306,25 @@ class N3CDataModule(L.LightningDataModule):
         self.seed = seed
         self.neighbours = neighbours
         self.cache_dir = cache_dir
+        self.epoch_tiles = epoch_tiles
+        self.augment = augment
+        self.mean_std = mean_std
         self.datasets: dict[str, N3CCalifornia] = {}
 
     def _dataset(self, split: str) -> N3CCalifornia:
         cache = None
         if self.cache_dir is not None:
-            bands = _band_names(self.bands)
+            bands = band_names(self.bands)
             layers = [*dict.fromkeys(_band_layer(band)[0] for band in bands), "label"]
             grid = self.point_config.grid_size
             cache = build_cache(self.root, split, self.cache_dir, layers, point_grid=grid)
         train = split == "train"
         cfg = self.point_config if train else replace(self.point_config, augment=False)
         seed = None if train else self.seed
-        return N3CCalifornia(self.root, split, self.bands, cfg, seed, self.neighbours, cache)
+        return N3CCalifornia(
+            self.root, split, self.bands, cfg, seed, self.neighbours, cache,
+            mean_std=self.mean_std, augment=self.augment, score_points=not train,
+        )  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
@@ -290,6 +334,10 @@ class N3CDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset, sampler = self.datasets[split], None
+        if shuffle and self.epoch_tiles is not None:
+            # Lightning wraps it in a distributed sampler under DDP: N tiles per epoch in all
+            sampler = RandomSampler(dataset, replacement=True, num_samples=self.epoch_tiles)
+            shuffle = False
         trainer = self.trainer
         if not shuffle and trainer is not None and 1 < trainer.world_size <= len(dataset):
             # Lightning's DistributedSampler would repeat tiles to give every rank as many

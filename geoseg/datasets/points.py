@@ -7,8 +7,9 @@ on a GPU the kNN part is left to the device (`neighbours=False`, see `N3CDataMod
 Pixels are computed from the *original* planimetric coordinates, before standardisation and
 augmentation, exactly like the authors' "Dimension Sensor". Rotating, scaling or jittering the
 network's xyz therefore never moves a point to another pixel, and the image needs no matching
-transform. The one augmentation that must touch both modalities is the horizontal flip: it
-mirrors x and flips the pixel columns, and the caller flips the image and mask the same way.
+transform. The augmentations that must touch both modalities are the tile's dihedral views
+(`View`: a horizontal flip, then quarter turns): they move xyz and the pixel indices, and the
+caller moves the image and mask the same way (`View.apply`).
 
 Everything here is plain numpy (plus scipy inside `point_pyramid`), so it runs in DataLoader
 workers and is testable without torch.
@@ -23,7 +24,7 @@ import laspy
 import numpy as np
 from affine import Affine
 
-from geoseg.classes import NOISE_CODES, remap_asprs
+from geoseg.classes import CLASS_NAMES, NOISE_CODES, remap_asprs
 from geoseg.models.batch import point_pyramid, pyramid_levels
 
 POINT_FEATURES = ("intensity", "return_number")
@@ -44,7 +45,10 @@ class PointConfig:
     """Point sampling and pyramid settings; defaults are the authors' released config.
 
     grid_size is in metres (z is in metres in every build). `augment` turns on the training
-    augmentation: rotation about z, scale, jitter and a horizontal flip shared with the image.
+    augmentation of the points: rotation about z, scale and jitter (the views shared with the
+    image are the dataset's, `View`). `replace`: draw the sample with replacement, as the
+    released code does (`np.random.choice(n, num_points)`), instead of every point at most once
+    until the tile runs out (docs/ikdnet.md, deviations).
     """
 
     num_points: int = 131072
@@ -53,6 +57,7 @@ class PointConfig:
     ratio: int = 4
     k: int = 16
     augment: bool = False
+    replace: bool = False
 
     def __post_init__(self) -> None:
         needed = self.k * self.ratio ** (self.levels - 1)
@@ -86,13 +91,18 @@ def grid_subsample(xyz: np.ndarray, grid_size: float) -> np.ndarray:
     return np.sort(first)
 
 
-def sample_fixed(n: int, num_points: int, rng: np.random.Generator) -> np.ndarray:
+def sample_fixed(
+    n: int, num_points: int, rng: np.random.Generator, replace: bool = False
+) -> np.ndarray:
     """`num_points` shuffled indices into n points; duplicates pad tiles with fewer points.
 
     Shuffled, because the pyramid keeps the first N_l points of each level as its random sample.
+    With `replace` every index is an independent draw (duplicates even in dense tiles).
     """
     if n == 0:
         raise ValueError("cannot sample points from an empty point cloud")
+    if replace:
+        return rng.choice(n, num_points, replace=True)
     if n >= num_points:
         return rng.choice(n, num_points, replace=False)
     idx = np.concatenate([np.arange(n), rng.choice(n, num_points - n)])
@@ -129,8 +139,72 @@ def augment(
     return out.astype(np.float32), Augmentation(angle, scale)
 
 
+@dataclass(frozen=True)
+class TileAugment:
+    """Training augmentation of a whole tile, shared by image, mask and points (`View`).
+
+    flip: mirror left-right with probability 1/2 (the authors' code has none: our choice, see
+    docs/ikdnet.md, deviations); rotate: a uniform number of quarter turns; jitter: per-band
+    brightness and contrast of the normalised image, x U(1 - j, 1 + j) + U(-j, j) (in band
+    standard deviations), so a model cannot key on one flight's exact colours.
+    """
+
+    flip: bool = True
+    rotate: bool = False
+    jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.jitter < 1.0:
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+
+    def colour(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The jittered (C, H, W) image."""
+        bands = image.shape[0]
+        scale = rng.uniform(1 - self.jitter, 1 + self.jitter, (bands, 1, 1))
+        shift = rng.uniform(-self.jitter, self.jitter, (bands, 1, 1))
+        return (image * scale + shift).astype(np.float32)
+
+
 def _shape(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+@dataclass(frozen=True)
+class View:
+    """A dihedral view of a tile: mirror left-right (`flip`), then `turns` quarter turns
+    counter-clockwise (np.rot90). Applied to the image and mask (`apply`), the point pixels
+    (`pixels`) and the network's xyz (`xyz`) alike, so every modality sees the same scene."""
+
+    flip: bool = False
+    turns: int = 0
+
+    @staticmethod
+    def draw(rng: np.random.Generator, flip: bool, rotate: bool) -> View:
+        """A random view: a flip with probability 1/2, a uniform number of quarter turns."""
+        mirrored = flip and bool(rng.random() < 0.5)
+        return View(mirrored, int(rng.integers(4)) if rotate else 0)
+
+    def apply(self, raster: np.ndarray) -> np.ndarray:
+        """The view of a (..., H, W) array (a copy: the result is contiguous)."""
+        out = raster[..., ::-1] if self.flip else raster
+        return np.ascontiguousarray(np.rot90(out, self.turns, axes=(-2, -1)))
+
+    def pixels(self, pixels: np.ndarray, size: tuple[int, int]) -> None:
+        """Move integer (row, col) (N, 2) on an H x W grid to the view's grid, in place."""
+        height, width = size
+        if self.turns % 2 and height != width:
+            raise ValueError(f"quarter turns need a square tile, not {height}x{width}")
+        if self.flip:
+            pixels[:, 1] = width - 1 - pixels[:, 1]
+        for _ in range(self.turns % 4):  # (r, c) -> (W - 1 - c, r)
+            pixels[:, 0], pixels[:, 1] = width - 1 - pixels[:, 1], pixels[:, 0].copy()
+
+    def xyz(self, xyz: np.ndarray) -> None:
+        """Mirror x and turn (x, y) -> (-y, x) per quarter turn, in place (x east, y north)."""
+        if self.flip:
+            xyz[:, 0] *= -1.0
+        for _ in range(self.turns % 4):
+            xyz[:, 0], xyz[:, 1] = -xyz[:, 1], xyz[:, 0].copy()
 
 
 def points_to_pixels(
@@ -180,31 +254,60 @@ def sample_points(
     size: int | tuple[int, int],
     cfg: PointConfig,
     rng: np.random.Generator,
-    flip: bool = False,
+    view: View | None = None,
     neighbours: bool = True,
+    score: bool = False,
 ) -> dict[str, np.ndarray | list[np.ndarray]]:
     """The per-sample part of the pipeline on `select_points`' output (see `prepare_points`)."""
-    idx = sample_fixed(len(points["x"]), cfg.num_points, rng)
+    idx = sample_fixed(len(points["x"]), cfg.num_points, rng, cfg.replace)
     x, y, z = (np.asarray(points[name])[idx] for name in ("x", "y", "z"))
     rowcol = points_to_pixels(x, y, tile_transform, size)
     xyz = standardise(np.stack([x, y, z], axis=1))
     features = standardise(np.stack([points[name][idx] for name in POINT_FEATURES], axis=1))
     if cfg.augment:
         xyz, _ = augment(xyz, rng)
-    if flip:
-        xyz[:, 0] *= -1.0
+    if view is not None:
+        view.xyz(xyz)
 
     pyramid = point_pyramid if neighbours else pyramid_levels
     out: dict[str, np.ndarray | list[np.ndarray]] = dict(
         pyramid(xyz, rowcol, levels=cfg.levels, ratio=cfg.ratio, k=cfg.k)
     )
-    if flip:
-        width = _shape(size)[1]
+    if view is not None:
+        height, width = _shape(size)
         for level, pixels in enumerate(out["pixels"]):
-            pixels[:, 1] = width // 2**level - 1 - pixels[:, 1]
+            view.pixels(pixels, (height // 2**level, width // 2**level))
     out["features"] = features
     out["labels"] = remap_asprs(np.asarray(points["classification"])[idx]).astype(np.int64)
+    if score:
+        out["label_counts"] = label_counts(points, idx)
     return out
+
+
+def label_counts(points: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
+    """Per sampled point, the N3C labels of the tile points it stands for: (len(idx), K) int32.
+
+    Point metrics must count each of the tile's points once, but the network sees a fixed-size
+    sample: duplicates pad small tiles and large tiles leave points out. Each point of the tile
+    (after `select_points`) is assigned to its first occurrence in the sample or, if it was not
+    drawn, to the nearest drawn point in map coordinates (x, y, z in metres), as RandLA-Net's
+    test-time projection does; its label is counted there. Duplicates count nothing, and the
+    counts of a tile sum to its number of points.
+    """
+    from scipy.spatial import cKDTree
+
+    labels = remap_asprs(np.asarray(points["classification"])).astype(np.int64)
+    owner = np.full(len(labels), -1, dtype=np.int64)
+    drawn, first = np.unique(idx, return_index=True)
+    owner[drawn] = first
+    missing = np.flatnonzero(owner < 0)
+    if len(missing):
+        xyz = np.stack([points[name] for name in ("x", "y", "z")], axis=1).astype(np.float64)
+        _, nearest = cKDTree(xyz[drawn]).query(xyz[missing])
+        owner[missing] = first[nearest]
+    counts = np.zeros((len(idx), len(CLASS_NAMES)), dtype=np.int32)
+    np.add.at(counts, (owner, labels), 1)
+    return counts
 
 
 def prepare_points(
@@ -213,15 +316,15 @@ def prepare_points(
     size: int | tuple[int, int],
     cfg: PointConfig,
     rng: np.random.Generator,
-    flip: bool = False,
+    view: View | None = None,
     neighbours: bool = True,
 ) -> dict[str, np.ndarray | list[np.ndarray]]:
     """One tile's `PointsBatch` entries (no batch axis) plus N3C point `labels` (int64, N).
 
-    `select_points(arrays)` then `sample_points`. `flip` mirrors the tile left-right (x and
-    pixel columns); the caller flips image and mask to match. `neighbours=False` skips the kNN
+    `select_points(arrays)` then `sample_points`. `view` (e.g. a flip) moves xyz and the pixels;
+    the caller moves image and mask to match (`View.apply`). `neighbours=False` skips the kNN
     indices (`neighbors`, `sub_idx`, `interp_idx`), for callers that compute them batched on the
     device (`geoseg.models.batch.neighbour_indices`).
     """
     points = select_points(arrays, cfg.grid_size)
-    return sample_points(points, tile_transform, size, cfg, rng, flip, neighbours)
+    return sample_points(points, tile_transform, size, cfg, rng, view, neighbours)

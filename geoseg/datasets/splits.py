@@ -17,12 +17,17 @@ SPLITS = (*BUILD_SPLITS, BUFFER)
 """Split names of index.parquet; `buffer` tiles separate the others and are normally unused."""
 
 
-def split_tiles(root: str | Path, split: str) -> pd.DataFrame:
-    """Rows (tile_id, split, path, size) of one split sorted by tile id, so caches and datasets
-    keep a stable order; one-line errors for the usual mistakes."""
+def _build_folder(root: str | Path) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"build folder not found: {root}")
+    return root
+
+
+def split_tiles(root: str | Path, split: str) -> pd.DataFrame:
+    """Rows (tile_id, split, path, size) of one split sorted by tile id, so caches and datasets
+    keep a stable order; one-line errors for the usual mistakes."""
+    root = _build_folder(root)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {list(SPLITS)}")
     index = root / "index.parquet"
@@ -48,7 +53,7 @@ def split_stats(root: str | Path, split: str = "train") -> dict[str, Any]:
     per-split statistics is refused with the fix: rerunning build-dataset with the same
     arguments reuses every finished tile and only rewrites the statistics.
     """
-    path = Path(root) / "stats.json"
+    path = _build_folder(root) / "stats.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; rebuild with geoseg build-dataset")
     stats = json.loads(path.read_text())

@@ -30,6 +30,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 """Model name -> constructor; keyword arguments are the constructor's."""
 
 
+def uses_points(name: str, kwargs: dict[str, Any]) -> bool:
+    """Whether a registered model reads the batch's points (so needs the scene's LiDAR)."""
+    if name == "ikdnet":
+        return bool(kwargs.get("use_points", True))
+    return name in ("randlanet", "early-fusion")
+
+
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered model by name, e.g. create_model("ikdnet", in_channels=4)."""
     try:
@@ -52,4 +59,5 @@ __all__ = [
     "UNet",
     "create_model",
     "make_dummy_batch",
+    "uses_points",
 ]

@@ -25,6 +25,12 @@ class IKDNet(nn.Module):
     use_points=False drops the point branch and with it GKG and CKG (they need point maps): the
     model is then the image U-Net. use_gkg=False keeps the point maps but concatenates them
     ungated; use_ckg=False replaces the CKG by U-Net's 1×1 output conv.
+
+    ckg_unlabeled: whether the CKG's class map includes the class-0 ("unlabeled") point score.
+    By default it does not: the CKG pools num_classes - 1 class centres from the real classes'
+    scores, as the released head (Open3D-ML drops ignored labels from the logits) does; the
+    class-0 score is trained by no loss, so as a class centre it would be noise (the ablation
+    in docs/ikdnet.md, "CKG classes", measured the two).
     """
 
     def __init__(
@@ -38,6 +44,7 @@ class IKDNet(nn.Module):
         widths: Sequence[int] = (64, 128, 256, 512),
         point_widths: Sequence[int] = (16, 64, 128, 256),
         ckg_channels: int = 32,
+        ckg_unlabeled: bool = False,
     ) -> None:
         super().__init__()
         if len(widths) != len(point_widths):
@@ -52,6 +59,7 @@ class IKDNet(nn.Module):
         self.sensor = DimensionSensor()
         self.gkg = nn.ModuleList(GKG() for _ in widths) if use_gkg else None
         self.ckg = CKG(self.image.out_channels, ckg_channels, num_classes) if use_ckg else None
+        self.ckg_first_class = 0 if ckg_unlabeled else 1
 
     def forward(self, batch: Batch) -> ModelOutput:
         if self.points is None:
@@ -74,7 +82,7 @@ class IKDNet(nn.Module):
         if self.ckg is None:
             logits = self.image.outc(features)
         else:
-            scores = point_out.logits.transpose(1, 2)
+            scores = point_out.logits[..., self.ckg_first_class :].transpose(1, 2)
             coarse = self.sensor(scores, points["pixels"][0], features.shape[-2:])
             logits = self.ckg(features, coarse)
         gate_list = gates if self.gkg is not None else None

@@ -9,6 +9,6 @@ LiDAR, read band by band, for IKD-Net, RandLA-Net and early fusion).
 from __future__ import annotations
 
 from geoseg.predict.errors import PredictError
-from geoseg.predict.sliding import IMAGE_ONLY_MODELS, blend_weights, predict, window_offsets
+from geoseg.predict.sliding import blend_weights, predict, window_offsets
 
-__all__ = ["IMAGE_ONLY_MODELS", "PredictError", "blend_weights", "predict", "window_offsets"]
+__all__ = ["PredictError", "blend_weights", "predict", "window_offsets"]

@@ -53,6 +53,7 @@ from geoseg.datasets.n3c import collate
 from geoseg.datasets.points import PointConfig
 from geoseg.device import AUTO, resolve_device
 from geoseg.errors import first_line
+from geoseg.models import uses_points
 from geoseg.predict.errors import PredictError
 from geoseg.predict.points import (
     LIDAR_BANDS,
@@ -68,9 +69,6 @@ from geoseg.predict.points import (
 )
 from geoseg.train.metrics import predict_labels
 from geoseg.train.task import load_model
-
-IMAGE_ONLY_MODELS = frozenset({"unet", "smp-unet"})
-"""Models that read only the image; every other model needs the scene's point cloud."""
 
 GSD_TOLERANCE = 0.10
 """Largest relative difference between the scene's pixel size and the contract's GSD."""
@@ -115,9 +113,8 @@ def image_bands(contract: dict[str, Any]) -> list[str]:
 
 def needs_points(contract: dict[str, Any]) -> bool:
     """Whether the model reads the scene's LiDAR (a point model, or LiDAR raster bands)."""
-    return contract["model"] not in IMAGE_ONLY_MODELS or len(image_bands(contract)) < len(
-        contract["bands"]
-    )
+    lidar_bands = len(image_bands(contract)) < len(contract["bands"])
+    return uses_points(contract["model"], contract["model_kwargs"]) or lidar_bands
 
 
 def _open_scene(image: Path, contract: dict[str, Any]) -> DatasetReader:
@@ -277,7 +274,7 @@ class _Engine:
 
     def __post_init__(self) -> None:
         settings = self.contract["points"]
-        point_model = self.contract["model"] not in IMAGE_ONLY_MODELS
+        point_model = uses_points(self.contract["model"], self.contract["model_kwargs"])
         self.point_config = PointConfig(**settings, augment=False) if point_model else None
         self.lidar = [b for b in self.contract["bands"] if b in LIDAR_BANDS]
         image = image_bands(self.contract)  # read first, then the LiDAR rasters: reorder

@@ -5,12 +5,19 @@ label rasters and point classes serve the loss, the metrics and the dataset stat
 """
 
 from geoseg.train.losses import HolisticLoss, class_weights, point_pixel_consistency
-from geoseg.train.metrics import ConfusionMatrix, metrics, predict_labels, save_confusion
+from geoseg.train.metrics import (
+    ConfusionMatrix,
+    majority_baseline,
+    metrics,
+    predict_labels,
+    save_confusion,
+)
 
 __all__ = [
     "ConfusionMatrix",
     "HolisticLoss",
     "class_weights",
+    "majority_baseline",
     "metrics",
     "point_pixel_consistency",
     "predict_labels",

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from geoseg.datasets.points import PointConfig
+from geoseg.datasets.points import PointConfig, TileAugment
 
 
 class ConfigError(ValueError):
@@ -47,6 +47,11 @@ class DataConfig:
     `cache`: read tiles (pixels and points) from a training cache in `<data>/cache`, built on the
     first run (one LAZ decode per tile), then ~12x less CPU per sample with pyramid_device gpu
     (docs/benchmarks.md, GPU training).
+    `epoch_tiles`: tiles drawn (with replacement) per training epoch, the released config's 2000;
+    None = one pass over the train split. The LR decays once per epoch, so this sets the schedule.
+    `augment`: `TileAugment` fields (flip, rotate, jitter) for the whole tile.
+    `normalise`: "dataset" = the train split's band mean/std (stats.json); "imagenet" = the
+    ImageNet RGB mean/std the authors' image loader uses (RGB bands only).
     """
 
     bands: str | list[str] = "rgbn"
@@ -55,9 +60,15 @@ class DataConfig:
     points: dict[str, Any] = field(default_factory=dict)
     pyramid_device: str = "auto"
     cache: bool = False
+    epoch_tiles: int | None = None
+    augment: dict[str, Any] = field(default_factory=dict)
+    normalise: str = "dataset"
 
     def point_config(self) -> PointConfig:
         return PointConfig(**{**self.points, "augment": True})
+
+    def tile_augment(self) -> TileAugment:
+        return TileAugment(**self.augment)
 
 
 @dataclass
@@ -67,6 +78,9 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     gamma: float = 0.9886
+
+
+NORMALISATIONS = ("dataset", "imagenet")
 
 
 @dataclass
@@ -95,8 +109,21 @@ class TrainerConfig:
     precision: str = "auto"
     gradient_clip_val: float | None = 1.0
     val_check_interval: int | float | None = None
+    check_val_every_n_epoch: int | None = 1
     limit_val_batches: int | float = 1.0
     log_every_n_steps: int = 50
+
+
+@dataclass
+class CardConfig:
+    """What the run's model card says about use and limits beyond what geoseg derives itself
+    (data, splits, classes absent from training, metrics)."""
+
+    intended_use: str = (
+        "Land-cover segmentation (others, ground, tree, building) of aerial tiles like those of "
+        "its training build: same bands, pixel size and kind of LiDAR."
+    )
+    limits: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -108,6 +135,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    card: CardConfig = field(default_factory=CardConfig)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +148,7 @@ _SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "loss": LossConfig,
     "trainer": TrainerConfig,
+    "card": CardConfig,
 }
 
 
@@ -149,6 +178,16 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
             f"data.pyramid_device must be one of {list(PYRAMID_DEVICES)}: "
             f"{cfg.data.pyramid_device!r}"
         )
+    try:
+        cfg.data.tile_augment()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad data.augment: {exc}") from None
+    if cfg.data.normalise not in NORMALISATIONS:
+        raise ConfigError(
+            f"data.normalise must be one of {list(NORMALISATIONS)}: {cfg.data.normalise!r}"
+        )
+    if cfg.data.epoch_tiles is not None and cfg.data.epoch_tiles < 1:
+        raise ConfigError(f"data.epoch_tiles must be >= 1 or null: {cfg.data.epoch_tiles}")
     if cfg.loss.sc_detach not in ("none", "point", "pixel"):
         raise ConfigError(f"loss.sc_detach must be none, point or pixel: {cfg.loss.sc_detach!r}")
     return cfg

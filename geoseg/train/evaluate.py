@@ -16,12 +16,14 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader
 
+from geoseg.classes import CLASS_NAMES
 from geoseg.datasets.n3c import N3CCalifornia, collate
 from geoseg.datasets.points import PointConfig
 from geoseg.device import AUTO, resolve_device
+from geoseg.train.card import add_metrics, card_run, metrics_entry, read_card
 from geoseg.train.config import DataError
-from geoseg.train.metrics import ConfusionMatrix, predict_labels, save_confusion
-from geoseg.train.task import load_model
+from geoseg.train.metrics import ConfusionMatrix, majority_baseline, predict_labels, save_confusion
+from geoseg.train.task import load_model, update_point_confusion
 
 
 def _dataset(data: Path, split: str, contract: dict[str, Any]) -> N3CCalifornia:
@@ -29,7 +31,7 @@ def _dataset(data: Path, split: str, contract: dict[str, Any]) -> N3CCalifornia:
     try:
         dataset = N3CCalifornia(
             data, split, contract["bands"], PointConfig(**contract["points"]), contract["seed"],
-            mean_std=(contract["mean"], contract["std"]),
+            mean_std=(contract["mean"], contract["std"]), score_points=True,
         )  # fmt: skip
         gsd = pd.read_parquet(data / "index.parquet", columns=["split", "gsd"])
     except (FileNotFoundError, ValueError) as exc:
@@ -48,9 +50,11 @@ def evaluate(
     batch_size: int = 2,
     device: str = AUTO,
 ) -> dict[str, Any]:
-    """Write OUT/metrics.json and confusion matrices (JSON + PNG) for pixels (and points).
+    """Write OUT/metrics.json and confusion matrices (JSON + PNG) for pixels (and points), and
+    add the split's scores to the model card of the checkpoint's run when there is one.
 
-    Pixel metrics are the headline (the paper's); point models also get point metrics.
+    Pixel metrics are the headline (the paper's), with a constant-map baseline beside them;
+    point models also get point metrics, over every point of the tiles.
     Unlabeled targets are excluded by `ConfusionMatrix`; `device` as in `resolve_device`.
     Returns the metrics.json payload.
     """
@@ -72,7 +76,7 @@ def evaluate(
             output = model({"image": batch["image"], "points": batch["points"]})
             pixels.update(predict_labels(output["logits"]), batch["mask"])
             if output["point_logits"] is not None:
-                points.update(predict_labels(output["point_logits"], dim=2), batch["point_labels"])
+                update_point_confusion(points, output["point_logits"], batch)
     out.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
         "checkpoint": str(checkpoint),
@@ -90,5 +94,29 @@ def evaluate(
     for kind in ("pixels", "points"):
         if payload[kind] is not None:  # NaN (e.g. a class absent from the split) -> null
             payload[kind] = {k: None if np.isnan(v) else v for k, v in payload[kind].items()}
+    run = card_run(Path(checkpoint))
+    card = read_card(run) if run is not None else None
+    payload["baseline"] = _baseline(pixels, card)
     (out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
+    if card is not None:
+        same = Path(card["data"]["path"]) == data.resolve()
+        entry = metrics_entry(
+            card, pixels.matrix, points.matrix, Path(checkpoint).name,
+            tiles=len(dataset), data=str(data.resolve()),
+        )  # fmt: skip
+        add_metrics(run, split if same else f"{split} ({data.resolve().name})", entry)
     return payload
+
+
+def _baseline(pixels: ConfusionMatrix, card: dict[str, Any] | None) -> dict[str, Any]:
+    """Pixel scores of a constant map, beside the model's: of the training majority class when
+    the run's model card names it, else of this split's own most frequent class."""
+    names = list(CLASS_NAMES)
+    if card is not None:
+        label, source = names.index(card["majority_class"]), "training majority class"
+    else:
+        label, source = int(pixels.matrix[1:].sum(1).argmax()) + 1, "this split's majority class"
+    scores = majority_baseline(pixels, label)
+    return {"predicts": names[label], "source": source} | {
+        k: None if np.isnan(scores[k]) else scores[k] for k in ("miou", "oa", "kappa")
+    }

@@ -1,13 +1,16 @@
 """`geoseg train`: one config + one build folder -> a run folder that a rerun resumes.
 
 RUN/config.yaml is the resolved config; RUN/checkpoints holds `last.ckpt` (resumed from when
-present) and the best `val_loss` checkpoint; RUN/logs the CSV metrics. Inputs are checked
-before Lightning starts, so a wrong path or key fails in one line instead of a traceback.
+present) and the best checkpoint by validation mIoU (the released config's criterion);
+RUN/logs the CSV metrics; RUN/model_card.{json,md} the model card. Inputs are checked before
+Lightning starts, so a wrong path or key fails in one line instead of a traceback.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,13 +23,79 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from geoseg.classes import CLASS_COLORS, CLASS_NAMES
-from geoseg.datasets.n3c import N3CCalifornia, N3CDataModule
-from geoseg.datasets.splits import split_stats
+from geoseg.datasets.n3c import N3CCalifornia, N3CDataModule, band_names
+from geoseg.datasets.splits import split_stats, split_tiles
 from geoseg.errors import first_line
-from geoseg.models import MODELS
+from geoseg.models import MODELS, uses_points
+from geoseg.train.card import cpu_seconds, metrics_entry, new_card, read_card, write_card
 from geoseg.train.config import ConfigError, DataError, TrainConfig, save_config
 from geoseg.train.losses import class_weights
+from geoseg.train.metrics import metrics
 from geoseg.train.task import CONTRACT_FORMAT, SegmentationTask
+
+IMAGENET_RGB = {"red": (123.675, 58.395), "green": (116.28, 57.12), "blue": (103.53, 57.375)}
+"""ImageNet mean/std in uint8 units: torchvision's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)
+times 255, which the authors' image loader applies after ToTensor."""
+
+
+def normalisation(cfg: TrainConfig, bands: tuple[str, ...], stats: dict[str, Any]) -> tuple:
+    """(mean, std) per band: the train split's statistics or ImageNet's (RGB only)."""
+    if cfg.data.normalise == "imagenet":
+        other = [b for b in bands if b not in IMAGENET_RGB]
+        if other:
+            raise ConfigError(f"data.normalise imagenet has no statistics for bands {other}")
+        return [IMAGENET_RGB[b][0] for b in bands], [IMAGENET_RGB[b][1] for b in bands]
+    missing = [b for b in bands if b not in stats["bands"]]
+    if missing:
+        raise DataError(f"the train split's statistics lack bands {missing}")
+    return [stats["bands"][b]["mean"] for b in bands], [stats["bands"][b]["std"] for b in bands]
+
+
+class ModelCardWriter(Callback):
+    """Keeps RUN/model_card.{json,md} current (rank 0): the validation scores of the best
+    checkpoint (same criterion as the checkpoint callback: a strictly higher val mIoU) and the
+    training progress, with CPU and wall time summed over resumed runs."""
+
+    def __init__(self, run: Path, card: dict[str, Any]) -> None:
+        self.run = run
+        self.card = card
+        best = (card["metrics"].get("val") or {}).get("miou")
+        self.best = -math.inf if best is None else best
+        previous = card["training"]
+        self.t0 = time.perf_counter() - previous.get("wall_seconds", 0.0)
+        self.cpu0 = cpu_seconds() - previous.get("cpu_seconds", 0.0)
+
+    def _progress(self, trainer: L.Trainer) -> None:
+        self.card["training"] = {
+            "steps": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "lr": trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
+            "wall_seconds": round(time.perf_counter() - self.t0, 1),
+            "cpu_seconds": round(cpu_seconds() - self.cpu0, 1),
+        }
+
+    def on_validation_end(self, trainer: L.Trainer, task: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        matrices = task.epoch_matrices.get("val")
+        if matrices is None:
+            return
+        miou = metrics(matrices["pixels"])["miou"]
+        if not math.isnan(miou) and miou > self.best:
+            self.best = miou
+            step = trainer.global_step
+            self.card["metrics"]["val"] = metrics_entry(
+                self.card, matrices["pixels"], matrices["points"], f"best-step={step}.ckpt",
+                step=step, epoch=trainer.current_epoch,
+                tiles=len(trainer.datamodule.datasets["val"]),
+            )  # fmt: skip
+        self._progress(trainer)
+        write_card(self.run, self.card)
+
+    def on_train_end(self, trainer: L.Trainer, task: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._progress(trainer)
+            write_card(self.run, self.card)
 
 
 class SaveFinalStep(Callback):
@@ -102,28 +171,34 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.data.pyramid_device == "auto":
         cfg.data.pyramid_device = "gpu" if _on_gpu(cfg) else "cpu"
-    dm = N3CDataModule(
-        data, cfg.data.batch_size, cfg.data.num_workers, cfg.data.bands,
-        cfg.data.point_config(), cfg.seed, neighbours=cfg.data.pyramid_device == "cpu",
-        cache_dir=data / "cache" if cfg.data.cache else None,
-    )  # fmt: skip
     try:
-        dm.setup("fit")
+        split_tiles(data, "train")  # a wrong folder is reported as such, before its statistics
         stats = split_stats(data, "train")
         weights = class_weights(stats["pixels"]), class_weights(stats["points"])
+        mean_std = normalisation(cfg, band_names(cfg.data.bands), stats)
+        dm = N3CDataModule(
+            data, cfg.data.batch_size, cfg.data.num_workers, cfg.data.bands,
+            cfg.data.point_config(), cfg.seed, neighbours=cfg.data.pyramid_device == "cpu",
+            cache_dir=data / "cache" if cfg.data.cache else None,
+            epoch_tiles=cfg.data.epoch_tiles, augment=cfg.data.tile_augment(), mean_std=mean_std,
+        )  # fmt: skip
+        dm.setup("fit")
+    except ConfigError:
+        raise
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise DataError(str(exc)) from None
     train_set = dm.datasets["train"]
     model_kwargs = resolve_model_kwargs(cfg, len(train_set.bands))
     cfg.model.kwargs = model_kwargs
     cfg.trainer.precision = _precision(cfg)
+    contract = make_contract(train_set, cfg, model_kwargs)
     try:
         task = SegmentationTask(
             cfg.model.name,
             model_kwargs,
             weights[0].tolist(),
             weights[1].tolist(),
-            make_contract(train_set, cfg, model_kwargs),
+            contract,
             optim=asdict(cfg.optim),
             loss=asdict(cfg.loss),
         )
@@ -131,12 +206,19 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = 
         raise ConfigError(f"cannot build model {cfg.model.name!r}: {exc}") from None
 
     t = cfg.trainer
+    card = read_card(out) or new_card(
+        contract, data, tile_counts(data), stats, uses_points(cfg.model.name, model_kwargs),
+        cfg.card.intended_use, cfg.card.limits,
+    )  # fmt: skip
     # Two ModelCheckpoints: Lightning 2.6 refreshes `save_last` only when the monitored score
     # improves, and a resume must start from the latest state, not the best one.
-    checkpoints = [
-        ModelCheckpoint(out / "checkpoints", filename="best-{step}", monitor="val_loss"),
+    callbacks = [
+        ModelCheckpoint(
+            out / "checkpoints", filename="best-{step}", monitor="val_miou", mode="max"
+        ),
         ModelCheckpoint(out / "checkpoints", filename="last", enable_version_counter=False),
         SaveFinalStep(out / "checkpoints" / "last.ckpt"),
+        ModelCardWriter(out, card),
     ]
     try:  # accelerator/devices this machine lacks: Lightning says which, in one line
         trainer = L.Trainer(
@@ -149,9 +231,10 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = 
             precision=t.precision,
             gradient_clip_val=t.gradient_clip_val,
             val_check_interval=t.val_check_interval,
+            check_val_every_n_epoch=t.check_val_every_n_epoch,
             limit_val_batches=t.limit_val_batches,
             log_every_n_steps=t.log_every_n_steps,
-            callbacks=checkpoints,
+            callbacks=callbacks,
             logger=CSVLogger(out, name="logs"),
             enable_progress_bar=progress,
             enable_model_summary=progress,
@@ -160,6 +243,13 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = 
         raise ConfigError(f"trainer: {first_line(exc)}") from None
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
+    write_card(out, card)
     last = out / "checkpoints" / "last.ckpt"
     trainer.fit(task, datamodule=dm, ckpt_path=last if last.is_file() else None)
     return last
+
+
+def tile_counts(data: Path) -> dict[str, int]:
+    """Tiles per split of a build (buffer tiles included: they are part of the build)."""
+    index = pd.read_parquet(data / "index.parquet", columns=["split"])
+    return {str(k): int(v) for k, v in index["split"].value_counts().sort_index().items()}

@@ -53,6 +53,20 @@ class ConfusionMatrix:
             raise ValueError(f"labels must lie in [0, {k})")
         self.matrix += torch.bincount(target_t * k + pred_t, minlength=k * k).reshape(k, k)
 
+    def update_counts(self, pred: Tensor, counts: Tensor) -> None:
+        """Add point predictions (..., N) scored against label counts (..., N, K): sample i adds
+        counts[i, t] to cm[t, pred[i]], so one prediction scores all the points it stands for
+        (`geoseg.datasets.points.label_counts`) and padded duplicates (zero counts) none."""
+        k = self.num_classes
+        pred_t = torch.as_tensor(pred).reshape(-1).to("cpu", torch.int64)
+        counts_t = torch.as_tensor(counts).reshape(-1, k).to("cpu", torch.int64)
+        if pred_t.numel() != counts_t.shape[0]:
+            raise ValueError(f"{pred_t.numel()} predictions for {counts_t.shape[0]} count rows")
+        if pred_t.numel() and (pred_t.min() < 0 or pred_t.max() >= k):
+            raise ValueError(f"labels must lie in [0, {k})")
+        counts_t[:, UNLABELED] = 0
+        self.matrix.index_add_(1, pred_t, counts_t.T.contiguous())
+
     def reset(self) -> None:
         """Start a new epoch."""
         self.matrix.zero_()
@@ -92,6 +106,17 @@ def metrics(
     out["oa"] = float(oa)
     out["kappa"] = float(kappa)
     return out
+
+
+def majority_baseline(
+    cm: ConfusionMatrix | Tensor | np.ndarray, label: int, class_names: Sequence[str] = CLASS_NAMES
+) -> dict[str, float]:
+    """`metrics` of a constant map predicting `label` on the targets of `cm`: the chance level
+    to show beside a model's scores (label = the train split's most frequent class)."""
+    m = _as_array(cm)
+    constant = np.zeros_like(m)
+    constant[:, label] = m.sum(1)
+    return metrics(constant, class_names)
 
 
 def save_confusion(

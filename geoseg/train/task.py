@@ -37,8 +37,9 @@ class SegmentationTask(L.LightningModule):
 
     Logs `train_loss` (+ img/pc/sc terms) and, per validation/test epoch, `<stage>_loss` and
     every `metrics()` key of the pixel confusion matrix (`val_miou`, `val_iou/tree`, ...; point
-    models also `<stage>_points_miou`/`_oa`). Class weights arrive as plain lists so the
-    hyper-parameters saved in the checkpoint stay weights_only-loadable.
+    models also `<stage>_points_miou`/`_oa`, over every point of the tiles). Class weights
+    arrive as plain lists so the hyper-parameters saved in the checkpoint stay
+    weights_only-loadable.
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class SegmentationTask(L.LightningModule):
             stage: {"pixels": ConfusionMatrix(), "points": ConfusionMatrix()}
             for stage in ("val", "test")
         }
+        self.epoch_matrices: dict[str, dict[str, Tensor]] = {}  # summed over ranks, per stage
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         image = batch["image"]
@@ -91,8 +93,7 @@ class SegmentationTask(L.LightningModule):
         self.log(f"{stage}_loss", terms["total"], batch_size=len(batch["image"]), sync_dist=True)
         self.confusion[stage]["pixels"].update(predict_labels(output["logits"]), batch["mask"])
         if output["point_logits"] is not None:
-            pred = predict_labels(output["point_logits"], dim=2)
-            self.confusion[stage]["points"].update(pred, batch["point_labels"])
+            update_point_confusion(self.confusion[stage]["points"], output["point_logits"], batch)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -110,6 +111,7 @@ class SegmentationTask(L.LightningModule):
             kind: self.trainer.strategy.reduce(cm.matrix.to(self.device), reduce_op="sum").cpu()
             for kind, cm in self.confusion[stage].items()
         }
+        self.epoch_matrices[stage] = summed
         logged = {f"{stage}_{k}": v for k, v in metrics(summed["pixels"]).items()}
         if summed["points"][1:].sum() > 0:
             scores = metrics(summed["points"])
@@ -139,6 +141,16 @@ class SegmentationTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONTRACT_KEY] = self.contract
+
+
+def update_point_confusion(cm: ConfusionMatrix, point_logits: Tensor, batch: dict) -> None:
+    """Score point predictions: over every point of the tiles when the batch carries
+    `point_counts` (evaluation datasets do), else over the sampled points as they are."""
+    pred = predict_labels(point_logits, dim=2)
+    if "point_counts" in batch:
+        cm.update_counts(pred, batch["point_counts"])
+    else:
+        cm.update(pred, batch["point_labels"])
 
 
 def load_model(
