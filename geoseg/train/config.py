@@ -169,27 +169,21 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"unknown top-level keys {unknown}; known: {[*_SECTIONS, 'seed']}")
     sections = {k: _section(cls, k, values.get(k) or {}) for k, cls in _SECTIONS.items()}
     cfg = TrainConfig(**sections, seed=int(values.get("seed", 0)))
-    try:
-        cfg.data.point_config()
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad data.points: {exc}") from None
-    if cfg.data.pyramid_device not in PYRAMID_DEVICES:
-        raise ConfigError(
-            f"data.pyramid_device must be one of {list(PYRAMID_DEVICES)}: "
-            f"{cfg.data.pyramid_device!r}"
-        )
-    try:
-        cfg.data.tile_augment()
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad data.augment: {exc}") from None
-    if cfg.data.normalise not in NORMALISATIONS:
-        raise ConfigError(
-            f"data.normalise must be one of {list(NORMALISATIONS)}: {cfg.data.normalise!r}"
-        )
+    for name, build in (("points", cfg.data.point_config), ("augment", cfg.data.tile_augment)):
+        try:
+            build()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bad data.{name}: {exc}") from None
+    choices = (
+        ("data.pyramid_device", cfg.data.pyramid_device, PYRAMID_DEVICES),
+        ("data.normalise", cfg.data.normalise, NORMALISATIONS),
+        ("loss.sc_detach", cfg.loss.sc_detach, ("none", "point", "pixel")),
+    )
+    for key, value, allowed in choices:
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}: {value!r}")
     if cfg.data.epoch_tiles is not None and cfg.data.epoch_tiles < 1:
         raise ConfigError(f"data.epoch_tiles must be >= 1 or null: {cfg.data.epoch_tiles}")
-    if cfg.loss.sc_detach not in ("none", "point", "pixel"):
-        raise ConfigError(f"loss.sc_detach must be none, point or pixel: {cfg.loss.sc_detach!r}")
     return cfg
 
 
