@@ -45,7 +45,11 @@ def main() -> None:
     "--gsd", type=float, default=None, help="Tile pixel size in metres [1.0; sample: 0.5]."
 )
 @click.option("--tile-size", type=int, default=None, help="Tile size in pixels [512; sample: 64].")
-@click.option("--max-tiles", type=int, help="Build at most N tiles (first N by tile id).")
+@click.option(
+    "--max-tiles",
+    type=int,
+    help="Stop once N tiles are ready (built now or earlier); candidates go in tile-id order.",
+)
 @click.option("--stac-url", help="Any STAC API with `naip` and `3dep-lidar-copc` collections.")
 @click.option(
     "--catalog",
@@ -127,7 +131,9 @@ def build_dataset_cmd(
         )
     except RegionError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
-    except (BuildError, StacError) as exc:
+    except BuildError as exc:
+        _fail(str(exc), exc.exit_code)
+    except StacError as exc:
         _fail(str(exc), 1)
     failed = summary.count("failed")
     ok = summary.count("built") + summary.count("cached")
@@ -168,6 +174,7 @@ def train_cmd(
     mIoU) carrying the model contract to RUN/checkpoints, CSV logs to RUN/logs and the model
     card to RUN/model_card.json/.md.
     """
+    from geoseg.checkpoints import CheckpointError
     from geoseg.train.config import ConfigError, DataError, load_config
     from geoseg.train.fit import train
 
@@ -185,7 +192,7 @@ def train_cmd(
         cfg.trainer.max_steps = max_steps
     try:
         last = train(cfg, data, out, progress=not no_progress)
-    except (ConfigError, DataError) as exc:
+    except (CheckpointError, ConfigError, DataError) as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     click.echo(f"trained {cfg.model.name}; latest checkpoint {last}")
 
@@ -213,10 +220,15 @@ def evaluate_cmd(
     Writes metrics.json and confusion.json/.png (pixels; points_confusion.* for point models)
     to --out. Unlabeled pixels and points are excluded.
     """
+    from geoseg.checkpoints import CheckpointError, check_checkpoint_file
+
+    try:  # before importing torch (10+ s): a wrong path is reported at once
+        check_checkpoint_file(checkpoint)
+    except CheckpointError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
     from geoseg.device import DeviceError
     from geoseg.train.config import DataError
     from geoseg.train.evaluate import evaluate
-    from geoseg.train.task import CheckpointError
 
     try:
         result = evaluate(checkpoint, data, split, out, batch_size, device)
@@ -258,6 +270,12 @@ def evaluate_cmd(
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--vector", type=click.Path(path_type=Path), help="Also write class polygons (GPKG).")
+@click.option(
+    "--datetime",
+    "datetime_",
+    help="Scene acquisition date (ISO) for the STAC Item, when neither a STAC item beside the "
+    "scene, its metadata nor its file name gives one.",
+)
 @device_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Class-map COG.")
 def predict_cmd(
@@ -269,6 +287,7 @@ def predict_cmd(
     overlap: float,
     batch_size: int,
     vector: Path | None,
+    datetime_: str | None,
     device: str,
     out: Path,
 ) -> None:
@@ -280,15 +299,21 @@ def predict_cmd(
     10 %). IKD-Net, RandLA-Net and early fusion also need the scene's points: --points files, or
     the COPC items of --stac-url / --catalog covering the scene.
     """
+    from geoseg.checkpoints import CheckpointError, check_checkpoint_file
+
+    try:  # before importing torch (10+ s): a wrong path is reported at once
+        check_checkpoint_file(checkpoint)
+    except CheckpointError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
     from geoseg.device import DeviceError
     from geoseg.predict import PredictError, predict
     from geoseg.stac.client import StacError
-    from geoseg.train.task import CheckpointError
 
     try:
         item = predict(
             checkpoint, image, out, points=list(points) or None, stac_url=stac_url,
             catalog=catalog, overlap=overlap, batch_size=batch_size, vector=vector, device=device,
+            datetime=datetime_,
         )  # fmt: skip
     except (CheckpointError, PredictError, DeviceError) as exc:
         _fail(str(exc), EXIT_BAD_INPUT)

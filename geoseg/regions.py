@@ -149,7 +149,9 @@ def county_names() -> list[str]:
 
 
 def _valid_choices() -> str:
-    return f"{STATE_NAME}, {', '.join(county_names())} ({len(county_names())} counties)"
+    """What a region name may be, short enough for a one-line error (not all 58 names)."""
+    n = len(county_names())
+    return f"use {STATE_NAME}, one of the {n} California county names, --bbox or --aoi"
 
 
 def _resolve_name(name: str) -> Region:
@@ -164,10 +166,12 @@ def _resolve_name(name: str) -> Region:
         canonical = by_key[key]
         return Region(canonical, counties[canonical])
     close = difflib.get_close_matches(key, list(by_key), n=3, cutoff=0.75)
-    hint = f" (did you mean {' or '.join(repr(by_key[c]) for c in close)}?)" if close else ""
-    raise RegionError(
-        f"unknown region {name.strip()!r}{hint}; valid: {_valid_choices()}, or use --bbox/--aoi"
-    )
+    if close:
+        hint = f"did you mean {' or '.join(repr(by_key[c]) for c in close)}?"
+    else:
+        nearest = difflib.get_close_matches(key, list(by_key), n=3, cutoff=0.0)
+        hint = "closest: " + ", ".join(by_key[c] for c in nearest)
+    raise RegionError(f"unknown region {name.strip()!r} ({hint}); {_valid_choices()}")
 
 
 def _fmt(v: float) -> str:
@@ -282,12 +286,11 @@ def resolve_region(
     if len(given) != 1:
         what = "none" if not given else " and ".join(given)
         raise RegionError(
-            f"give exactly one of a region name, --bbox or --aoi (got {what}); "
-            f"valid names: {_valid_choices()}"
+            f"give exactly one of a region name, --bbox or --aoi (got {what}); {_valid_choices()}"
         )
     if name is not None:
         if not str(name).strip():
-            raise RegionError(f"empty region name; valid: {_valid_choices()}, or use --bbox/--aoi")
+            raise RegionError(f"empty region name; {_valid_choices()}")
         return _resolve_name(str(name))
     if bbox is not None:
         if isinstance(bbox, str | bytes):

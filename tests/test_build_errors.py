@@ -33,6 +33,9 @@ def _error_line(stderr: str) -> str:
         (("--aoi", "/nonexistent/aoi.geojson"), "aoi"),
         (("--gsd", "-1"), "--gsd"),
         (("--year", "2020", "--datetime", "2020/2021"), "--year"),
+        (("--datetime", "notadate"), "--datetime: 'notadate' is not a date"),
+        (("--datetime", "2022/2018"), "ends before it starts"),
+        (("--stac-url", "http://127.0.0.1:9"), "--catalog sample or --stac-url, not both"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, args: tuple[str, ...], needle: str):
@@ -43,11 +46,39 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, args: tuple[str, .
     assert not out.exists()
 
 
-def test_unknown_region_lists_the_valid_choices(tmp_path: Path):
-    res = geoseg("build-dataset", "--region", "Atlantis", "--out", str(tmp_path / "o"))
+def test_unknown_region_suggests_the_closest_names(tmp_path: Path):
+    res = geoseg("build-dataset", "--region", "Santa Clar", "--out", str(tmp_path / "o"))
     assert res.returncode == 2
     line = _error_line(res.stderr)
-    assert "CA" in line and "Santa Clara" in line and "--bbox" in line
+    assert "did you mean 'Santa Clara'" in line and "CA" in line and "--bbox" in line
+    assert len(line) < 200
+
+
+def test_out_pointing_to_a_file_is_refused_before_any_work(tmp_path: Path):
+    out = tmp_path / "taken"
+    out.write_text("not a folder")
+    for target in (out, out / "sub"):
+        t0 = time.time()
+        res = geoseg("build-dataset", "--catalog", "sample", "--out", str(target))
+        assert res.returncode == 2, res.stderr
+        assert "is a file" in _error_line(res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1
+        assert time.time() - t0 < 15  # no search, no cluster (was a traceback after ~5 s)
+    assert out.read_text() == "not a folder"
+
+
+def test_max_tiles_counts_ready_tiles_not_candidates(tmp_path: Path):
+    """The sample's first candidates by id are skipped (no LiDAR points): --max-tiles 1 used to
+    stop there and write an empty dataset with exit 0."""
+    out = tmp_path / "out"
+    res = geoseg("build-dataset", "--catalog", "sample", "--max-tiles", "1", "--workers", "1",
+                 "--no-progress", "--out", str(out))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["tiles"]["total_ok"] == 1 and report["tiles"]["skipped"] > 0
+    assert report["tiles"]["not_attempted"] > 0
+    assert len(list(out.glob("tiles/*/tile.json"))) == 1
+    assert "not tried (--max-tiles)" in (out / "report.md").read_text()
 
 
 def test_empty_search_exits_1_and_writes_nothing(tmp_path: Path):
@@ -78,7 +109,7 @@ def test_region_ca_on_the_sample_keeps_california_only(tmp_path: Path):
                  "--workers", "1", "--no-progress", "--out", str(out))  # fmt: skip
     assert res.returncode == 0, res.stderr
     ids = [p.name for p in (out / "tiles").iterdir()]
-    assert 1 <= len(ids) <= 3 and all(i.startswith("32611_") for i in ids)  # no Lambert-93
+    assert len(ids) == 3 and all(i.startswith("32611_") for i in ids)  # no Lambert-93
 
 
 def _catalog_copy(tmp_path: Path, edit: Callable[[Path, dict, dict], None]) -> Path:
@@ -124,6 +155,7 @@ def test_corrupt_inputs_fail_their_tiles_and_the_build_goes_on(tmp_path: Path):
     assert f"imagery {broken['crs']}: CRS mismatch" in reasons
     assert report["tiles"]["built"] > 10  # ... and every other tile was built
     assert "Failed tiles" in (out / "report.md").read_text()
+    assert f"catalog: STAC API given by --stac-url ({url})" in (out / "report.md").read_text()
 
 
 def test_hrefs_and_ids_cannot_make_the_builder_write_outside_out(tmp_path: Path):

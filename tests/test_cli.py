@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 from click.testing import CliRunner
 
 from geoseg import __version__
 from geoseg.cli import main
+from tests.utils import geoseg
 
 
 def test_version():
@@ -47,3 +50,20 @@ def test_build_dataset_help_lists_the_documented_options():
         "--out",
     ):
         assert option in res.output, option  # fmt: skip
+
+
+def test_a_missing_checkpoint_is_reported_before_torch_is_imported(tmp_path):
+    """predict took 12-14 s to say that the checkpoint path was wrong (torch and Lightning load
+    first); the file is now checked before those imports."""
+    missing = tmp_path / "none.ckpt"
+    for command in (
+        ("predict", "--image", str(tmp_path / "scene.tif")),
+        ("evaluate", "--data", str(tmp_path)),
+    ):
+        t0 = time.perf_counter()
+        res = geoseg(command[0], "--checkpoint", str(missing), *command[1:],
+                     "--out", str(tmp_path / "out"))  # fmt: skip
+        assert res.returncode == 2
+        assert res.stderr.strip() == f"geoseg: error: checkpoint not found: {missing}"
+        assert time.perf_counter() - t0 < 5
+    assert not (tmp_path / "out").exists()

@@ -27,11 +27,14 @@ def test_auto_cpu_and_devices_that_are_not_here() -> None:
 
 @pytest.mark.parametrize("command", ["evaluate", "predict"])
 def test_cli_refuses_a_device_before_any_work(command: str, tmp_path: Path) -> None:
-    """Checked first: no checkpoint is opened, nothing is written."""
+    """Checked before the checkpoint is loaded (only its file was looked at), nothing written."""
+    checkpoint = tmp_path / "ckpt" / "model.ckpt"
+    checkpoint.parent.mkdir()
+    torch.save({"geoseg_contract": {}}, checkpoint)  # passes the cheap file check only
     args = {
         "evaluate": ["--data", tmp_path, "--out", tmp_path / "eval"],
         "predict": ["--image", tmp_path / "scene.tif", "--out", tmp_path / "map.tif"],
     }[command]
-    res = cli(command, "--checkpoint", tmp_path / "none.ckpt", *args, "--device", "cuda:99")
+    res = cli(command, "--checkpoint", checkpoint, *args, "--device", "cuda:99")
     assert "cuda:99" in one_line_error(res)
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [checkpoint.parent]

@@ -171,3 +171,41 @@ def test_bad_inputs_fail_in_one_line(checkpoint: Path, scene: Path, tmp_path: Pa
         res = cli("predict", "--checkpoint", ckpt_path, "--image", image, "--out", out)
         assert message in one_line_error(res)
     assert not out.exists()
+
+
+def test_item_speaks_the_dataset_stac_and_carries_the_scene_time(
+    checkpoint: Path, sample_build: Path, tmp_path: Path
+):
+    """pred.json used STAC 1.0.0 with older extensions and the run's time as its datetime."""
+    tile = sorted(sample_build.glob("tiles/32611_*/image.tif"))[0]
+    dataset_item = json.loads((tile.parent / f"{tile.parent.name}.json").read_text())
+
+    def item_of(image: Path, *extra: str) -> dict:
+        out = tmp_path / f"{image.stem}-pred.tif"
+        res = cli("predict", "--checkpoint", checkpoint, "--image", image, "--out", out, *extra)
+        assert res.exit_code == 0, res.output
+        return json.loads(out.with_suffix(".json").read_text())
+
+    item = item_of(tile)  # a built tile: its tile.json knows the NAIP scene's date
+    assert item["stac_version"] == dataset_item["stac_version"]
+    assert set(item["stac_extensions"]) <= set(dataset_item["stac_extensions"])
+    assert item["properties"]["proj:code"] == dataset_item["properties"]["proj:code"]
+    assert item["properties"]["datetime"] == dataset_item["properties"]["datetime"]
+    naip = tmp_path / "m_3611960_ne_11_060_20220504.tif"  # NAIP's file naming
+    naip.write_bytes(tile.read_bytes())
+    assert item_of(naip)["properties"]["datetime"] == "2022-05-04T00:00:00Z"
+    given = item_of(naip, "--datetime", "2021-07-09")["properties"]
+    assert given["datetime"] == "2021-07-09T00:00:00Z"
+    assert given["geoseg:datetime_source"] == "--datetime"
+    yearly = tmp_path / "scene_2024.tif"
+    yearly.write_bytes(tile.read_bytes())
+    props = item_of(yearly)["properties"]
+    assert props["datetime"] is None
+    assert (props["start_datetime"], props["end_datetime"]) == (
+        "2024-01-01T00:00:00Z",
+        "2024-12-31T23:59:59Z",
+    )
+    res = cli("predict", "--checkpoint", checkpoint, "--image", naip, "--datetime", "notadate",
+              "--out", tmp_path / "bad.tif")  # fmt: skip
+    assert "--datetime 'notadate' is not an ISO date" in one_line_error(res)
+    assert not (tmp_path / "bad.tif").exists()

@@ -290,3 +290,31 @@ def test_pyramid_on_the_device_trains_and_matches_the_workers(sample_build: Path
     bad.write_text("data: {pyramid_device: tpu}\n")
     with pytest.raises(ConfigError, match="pyramid_device"):
         load_config(bad)
+
+
+def test_resume_refuses_a_foreign_or_damaged_last_checkpoint(
+    run: Path, sample_build: Path, tmp_path: Path
+):
+    """Resuming on a foreign or corrupt last.ckpt gave a 60-line UnpicklingError traceback."""
+    good = (run / "checkpoints" / "last.ckpt").read_bytes()
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, foreign)
+    other = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    other["geoseg_contract"]["model"] = "unet"
+    torch.save(other, tmp_path / "other.ckpt")
+    cases = {
+        "no geoseg_contract": foreign.read_bytes(),
+        "truncated": good[: len(good) // 2],
+        "not a PyTorch archive": b"\x80\x04K\x01." + b"garbage" * 10,
+        "holds a 'unet' model, the config trains 'ikdnet'": (tmp_path / "other.ckpt").read_bytes(),
+    }
+    for reason, content in cases.items():
+        out = tmp_path / f"run-{len(content)}"
+        (out / "checkpoints").mkdir(parents=True)
+        (out / "checkpoints" / "last.ckpt").write_bytes(content)
+        res = cli("train", "--config", TINY, "--data", sample_build, "--out", out,
+                  "--max-steps", "3", "--no-progress")  # fmt: skip
+        line = one_line_error(res)
+        assert "cannot resume" in line and reason in line and "another --out" in line
+        assert sorted(p.name for p in out.rglob("*")) == ["checkpoints", "last.ckpt"]
+        assert (out / "checkpoints" / "last.ckpt").read_bytes() == content

@@ -76,8 +76,9 @@ def tile_item(manifest: dict[str, Any], split: str) -> pystac.Item:
             "geoseg:year": manifest["year"],
             "geoseg:lidar_project": manifest["inputs"]["lidar_project"],
             "geoseg:missing_bands": manifest["missing_bands"],
-            "geoseg:pixel_counts": manifest["pixels"],
-            "geoseg:point_counts": manifest["points"]["n3c"],
+            # Class order, whatever the manifest's key order (tile.json is written sorted).
+            "geoseg:pixel_counts": {k: manifest["pixels"].get(k, 0) for k in CLASS_NAMES},
+            "geoseg:point_counts": {k: manifest["points"]["n3c"].get(k, 0) for k in CLASS_NAMES},
         },
         collection=COLLECTION_ID,
     )

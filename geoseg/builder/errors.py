@@ -11,6 +11,12 @@ class BuildError(RuntimeError):
     exit_code = 1
 
 
+class BuildInputError(BuildError):
+    """Bad arguments (output path, dates, conflicting options): checked before any work."""
+
+    exit_code = 2
+
+
 class EmptySearchError(BuildError):
     """The catalog has no imagery or no LiDAR for the region and dates asked for."""
 

@@ -106,6 +106,7 @@ def write_report(out: Path, summary, splits: dict[str, str], search: dict, cfg) 
             "skipped": len(skipped),
             "failed": len(failed),
             "total_ok": len(done),
+            "not_attempted": summary.not_attempted,
         },
         "splits": {k: len(v) for k, v in by_split.items()},
         "seconds": round(summary.seconds, 2),
@@ -130,7 +131,8 @@ def _markdown(report: dict[str, Any], stats: dict[str, Any]) -> str:
         f"- catalog: {s['catalog']} ({s['stac_url']}), dates: {s['datetime'] or 'any'}",
         f"- inputs: {s['imagery_items']} NAIP items, {s['lidar_items']} LiDAR items",
         f"- tiles: {t['total_ok']} ready ({t['built']} built, {t['cached']} from earlier runs), "
-        f"{t['skipped']} skipped, {t['failed']} failed, in {report['seconds']} s",
+        f"{t['skipped']} skipped, {t['failed']} failed, in {report['seconds']} s"
+        + (f"; {t['not_attempted']} not tried (--max-tiles)" if t["not_attempted"] else ""),
         "- splits: " + ", ".join(f"{k} {v}" for k, v in sorted(report["splits"].items())),
         "",
         "| class | pixels | points |",

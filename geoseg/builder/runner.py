@@ -23,14 +23,14 @@ import yaml
 from tqdm import tqdm
 
 from geoseg.builder.catalog import write_catalog
-from geoseg.builder.errors import BuildError, EmptySearchError
+from geoseg.builder.errors import BuildError, BuildInputError, EmptySearchError
 from geoseg.builder.plan import PlannedTile, plan_tiles
 from geoseg.builder.report import write_report
 from geoseg.builder.split import assign_splits
 from geoseg.builder.tile import TileJob, TileResult, build_tile
 from geoseg.builder.writers import remove_stale_temps, write_bytes_atomic
 from geoseg.regions import Region, RegionError, check_within, resolve_region
-from geoseg.stac.client import PLANETARY_COMPUTER_URL, find_inputs
+from geoseg.stac.client import PLANETARY_COMPUTER_URL, check_datetime, find_inputs
 from geoseg.stac.server import sample_catalog_dir, serve_catalog
 from geoseg.stac.signing import signer_for
 
@@ -71,6 +71,8 @@ class BuildSummary:
     seconds: float
     tile_seconds: float = 0.0
     """Wall time of the tile tasks alone: throughput without search, cluster start-up, report."""
+    not_attempted: int = 0
+    """Planned tiles left untried because `--max-tiles` tiles were ready."""
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.results if r.status == status)
@@ -84,6 +86,46 @@ def _sample_coverage(catalog_dir: Path) -> shapely.Geometry:
     return shapely.union_all(geoms)
 
 
+def check_config(cfg: BuildConfig) -> None:
+    """Reject bad arguments before any search, cluster or file: a one-line `BuildInputError`.
+
+    Region problems are left to `resolve_region` (RegionError), which needs the catalog's
+    coverage; everything else that a typo can break is checked here, in well under a second.
+    """
+    if cfg.catalog not in CATALOGS:
+        raise BuildInputError(f"unknown catalog {cfg.catalog!r}; valid: {', '.join(CATALOGS)}")
+    if cfg.catalog == "sample" and cfg.stac_url:
+        raise BuildInputError(
+            "give --catalog sample or --stac-url, not both (the sample is served locally)"
+        )
+    if cfg.datetime is not None:
+        try:
+            check_datetime(cfg.datetime)
+        except ValueError as err:
+            raise BuildInputError(f"--datetime: {err}") from None
+    check_output_folder(Path(cfg.out))
+
+
+def check_output_folder(out: Path) -> None:
+    """`out` must be a folder, or a path a folder can be made at."""
+    if out.exists() and not out.is_dir():
+        raise BuildInputError(f"--out {out} is a file; give a folder (new or an earlier build)")
+    parent = out.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BuildInputError(f"--out {out}: {parent} is a file, so no folder can be made there")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BuildInputError(f"--out {out}: no permission to write in {parent}")
+
+
+def catalog_label(cfg: BuildConfig) -> str:
+    """What the report calls the catalog: a `--stac-url` is neither PC nor the sample."""
+    if cfg.stac_url and cfg.stac_url.rstrip("/") != PLANETARY_COMPUTER_URL:
+        return "STAC API given by --stac-url"
+    return cfg.catalog
+
+
 @contextmanager
 def open_catalog(cfg: BuildConfig) -> Iterator[tuple[str, shapely.Geometry, str]]:
     """Yield (STAC API URL, coverage polygon, coverage name) for the chosen catalog.
@@ -91,8 +133,6 @@ def open_catalog(cfg: BuildConfig) -> Iterator[tuple[str, shapely.Geometry, str]
     The sample catalog is served by a local STAC API (`rustac serve`) so it goes through exactly
     the code path a remote API does.
     """
-    if cfg.catalog not in CATALOGS:
-        raise BuildError(f"unknown catalog {cfg.catalog!r}; valid: {', '.join(CATALOGS)}")
     if cfg.catalog == "sample":
         folder = sample_catalog_dir()
         with serve_catalog(folder) as url:
@@ -135,6 +175,7 @@ def plan_build(cfg: BuildConfig) -> tuple[str, Region, list[PlannedTile], dict]:
 
     Public on its own: preview the grid of a build (e.g. `geoseg.plot.plot_grid`) before it runs.
     """
+    check_config(cfg)
     cfg = with_grid_defaults(cfg)
     with open_catalog(cfg) as (url, coverage, coverage_name):
         region = _region(cfg, coverage)
@@ -150,7 +191,7 @@ def plan_build(cfg: BuildConfig) -> tuple[str, Region, list[PlannedTile], dict]:
         raise EmptySearchError(f"no tile of {where} has both NAIP and LiDAR coverage")
     summary = {
         "stac_url": url,
-        "catalog": cfg.catalog,
+        "catalog": catalog_label(cfg),
         "region": region.name,
         "datetime": cfg.datetime,
         "imagery_items": len(imagery),
@@ -194,22 +235,40 @@ def _warm_up() -> None:
     import geoseg.builder.tile  # noqa: F401
 
 
-def run_jobs(client, jobs: list[TileJob], progress: bool, window: int = 256) -> list[TileResult]:
-    """Run tile jobs with at most `window` in flight; results as they finish."""
+def run_jobs(
+    client, jobs: list[TileJob], progress: bool, want: int | None = None, window: int = 256
+) -> list[TileResult]:
+    """Run tile jobs with at most `window` in flight; results as they finish.
+
+    With `want`, stop once that many tiles are ready (built or cached): candidates that end up
+    skipped or failed do not count, so `--max-tiles N` gives N tiles whenever the plan has them.
+    Never more than the missing number is in flight, so the build never overshoots `want`.
+    """
     from dask.distributed import as_completed
 
     results: list[TileResult] = []
     pending = iter(jobs)
-    first = [client.submit(build_tile, j, pure=False) for j in islice(pending, window)]
-    ac = as_completed(first)
-    bar = tqdm(total=len(jobs), unit="tile", disable=not progress, file=sys.stderr, mininterval=1.0)
+    ready = 0
+
+    def room() -> int:
+        return window if want is None else min(window, want - ready)
+
+    ac = as_completed([client.submit(build_tile, j, pure=False) for j in islice(pending, room())])
+    in_flight = ac.count()
+    bar = tqdm(total=want or len(jobs), unit="tile", disable=not progress, file=sys.stderr,
+               mininterval=1.0)  # fmt: skip
     for fut in ac:
-        results.append(fut.result())
+        result = fut.result()
         fut.release()
-        bar.update(1)
-        bar.set_postfix_str(results[-1].status, refresh=False)
-        for j in islice(pending, 1):
+        in_flight -= 1
+        results.append(result)
+        ok = result.status in ("built", "cached")
+        ready += ok
+        bar.update(1 if want is None else int(ok))
+        bar.set_postfix_str(result.status, refresh=False)
+        for j in islice(pending, max(0, room() - in_flight)):
             ac.add(client.submit(build_tile, j, pure=False))
+            in_flight += 1
     bar.close()
     return results
 
@@ -224,8 +283,6 @@ def build_dataset(
     out = Path(cfg.out).resolve()
     signer = signer_for(url)
     runnable = [p for p in planned if p.skip_reason is None]
-    if cfg.max_tiles is not None:
-        runnable = runnable[: cfg.max_tiles]
     skipped_at_plan = [(p.tile.id, p.skip_reason or "") for p in planned if p.skip_reason]
     jobs = [
         TileJob(p.tile, tuple(p.imagery), tuple(p.lidar), signer, str(out), cfg.min_coverage)
@@ -238,13 +295,14 @@ def build_dataset(
             echo(f"removed {removed} temporary files left by an interrupted build")
         config_text = yaml.safe_dump(asdict(cfg), sort_keys=False)
         write_bytes_atomic(out / "build.yaml", lambda p: p.write_text(config_text))
+        limit = f", stopping once {cfg.max_tiles} are ready" if cfg.max_tiles else ""
         echo(
             f"{search['imagery_items']} NAIP + {search['lidar_items']} LiDAR items; "
-            f"{len(jobs)} tiles to build, {len(skipped_at_plan)} skipped at planning"
+            f"{len(jobs)} tiles to build{limit}, {len(skipped_at_plan)} skipped at planning"
         )
         client.run(_warm_up)
         t_tiles = time.perf_counter()
-        results = run_jobs(client, jobs, progress)
+        results = run_jobs(client, jobs, progress, want=cfg.max_tiles)
         tile_seconds = time.perf_counter() - t_tiles
     results.sort(key=lambda r: r.tile_id)
     done = [r for r in results if r.status in ("built", "cached")]
@@ -253,7 +311,8 @@ def build_dataset(
         (t.id, f"{t.crs_wkt}|{t.span}", t.col, t.row) for t in (tiles[r.tile_id] for r in done)
     ]
     splits = assign_splits(cells, cfg.split_ratios, cfg.split_block, cfg.seed)
-    summary = BuildSummary(out, results, skipped_at_plan, time.perf_counter() - t0, tile_seconds)
+    summary = BuildSummary(out, results, skipped_at_plan, time.perf_counter() - t0, tile_seconds,
+                           not_attempted=len(jobs) - len(results))  # fmt: skip
     write_catalog(out, done, splits, region)
     write_report(out, summary, splits, search, cfg)
     return summary

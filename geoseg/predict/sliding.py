@@ -29,7 +29,6 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +40,10 @@ from rasterio.errors import RasterioIOError
 from rasterio.features import shapes
 from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.shutil import copy as rio_copy
-from rasterio.warp import transform_geom
 from rasterio.windows import Window
 from rasterio.windows import bounds as window_bounds
 from rasterio.windows import transform as window_transform
-from shapely.geometry import box, mapping, shape
+from shapely.geometry import shape
 from torch import nn
 
 from geoseg.builder.writers import atomic_path, write_json
@@ -55,6 +53,7 @@ from geoseg.device import AUTO, resolve_device
 from geoseg.errors import first_line
 from geoseg.models import uses_points
 from geoseg.predict.errors import PredictError
+from geoseg.predict.item import parse_when, prediction_item, scene_time
 from geoseg.predict.points import (
     LIDAR_BANDS,
     Extent,
@@ -192,12 +191,15 @@ def predict(
     batch_size: int = 4,
     vector: str | Path | None = None,
     device: str = AUTO,
+    datetime: str | None = None,
 ) -> dict[str, Any]:
     """Write the class-map COG `out` (+ `<out stem>.json` STAC Item, optional GeoPackage).
 
     Point-reading models take the scene's LiDAR from local files (`points`: COPC, LAS or LAZ,
     any CRS) or from the COPC items a STAC API holds for the scene (`stac_url`, or `catalog`:
-    "planetary-computer" / "sample"). `device` as in `resolve_device`. Returns the STAC Item.
+    "planetary-computer" / "sample"). `device` as in `resolve_device`. `datetime` (ISO) is the
+    scene's acquisition time when the scene itself does not tell (see `geoseg.predict.item`).
+    Returns the STAC Item.
     Raises `CheckpointError` for a file that is not a geoseg checkpoint, `PredictError` for input
     the contract rules out, `DeviceError` for a device not here, and `StacError` when the STAC
     API fails.
@@ -205,6 +207,8 @@ def predict(
     checkpoint, image, out = Path(checkpoint), Path(image), Path(out)
     if not 0.0 <= overlap < 1.0 or batch_size < 1:
         raise PredictError("overlap must be in [0, 1) and batch size >= 1")
+    if datetime is not None:
+        parse_when(datetime)  # a typo fails now, not after the whole scene
     run_on = resolve_device(device)
     sources = [s for s in (points, stac_url, catalog) if s]
     if len(sources) > 1:
@@ -225,6 +229,7 @@ def predict(
         if "GDAL_CACHEMAX" not in os.environ:
             stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
         src = stack.enter_context(_open_scene(image, contract))
+        when = scene_time(image, src, datetime)
         scene_points = (
             stack.enter_context(_scene_points(src, points, stac_url, catalog, stride))
             if sources
@@ -248,9 +253,13 @@ def predict(
                     staged, final, driver="COG", COMPRESS="DEFLATE",
                     BLOCKSIZE="512", OVERVIEW_RESAMPLING="NEAREST",
                 )  # fmt: skip
-        item = _stac_item(out, src, contract, checkpoint, str(run_on))
-    item["properties"]["geoseg:windows"] = engine.windows
-    item["properties"]["geoseg:skipped_windows"] = engine.skipped
+        item = prediction_item(out, src, contract, when, {
+            "geoseg:model": contract["model"],
+            "geoseg:checkpoint": str(checkpoint),
+            "geoseg:device": str(run_on),
+            "geoseg:windows": engine.windows,
+            "geoseg:skipped_windows": engine.skipped,
+        })  # fmt: skip
     write_json(out.with_suffix(".json"), item)
     if vector is not None:
         _write_vector(out, Path(vector), contract["class_names"])
@@ -390,52 +399,6 @@ def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, list):
         return [_to(v, device) for v in value]
     return value
-
-
-def _stac_item(
-    out: Path, src: DatasetReader, contract: dict[str, Any], checkpoint: Path, device: str
-) -> dict[str, Any]:
-    """STAC Item of the class map: projection, classification classes, model and device."""
-    footprint = transform_geom(src.crs, "EPSG:4326", mapping(box(*src.bounds)))
-    lonlat = shape(footprint)
-    classes = [
-        {"value": value, "name": name, "color_hint": "{:02X}{:02X}{:02X}".format(*color[:3])}
-        for value, (name, color) in enumerate(
-            zip(contract["class_names"], contract["class_colors"], strict=True)
-        )
-    ]
-    classes[0]["nodata"] = True
-    epsg = src.crs.to_epsg()
-    return {
-        "type": "Feature",
-        "stac_version": "1.0.0",
-        "stac_extensions": [
-            "https://stac-extensions.github.io/projection/v1.1.0/schema.json",
-            "https://stac-extensions.github.io/classification/v1.1.0/schema.json",
-        ],
-        "id": out.stem,
-        "geometry": footprint,
-        "bbox": list(lonlat.bounds),
-        "properties": {
-            "datetime": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "proj:epsg": epsg,
-            **({} if epsg is not None else {"proj:wkt2": src.crs.to_wkt()}),
-            "proj:shape": [src.height, src.width],
-            "proj:transform": list(src.transform)[:6],
-            "geoseg:model": contract["model"],
-            "geoseg:checkpoint": str(checkpoint),
-            "geoseg:device": device,
-        },
-        "links": [],
-        "assets": {
-            "classification": {
-                "href": f"./{out.name}",
-                "type": "image/tiff; application=geotiff; profile=cloud-optimized",
-                "roles": ["data"],
-                "classification:classes": classes,
-            }
-        },
-    }
 
 
 def _write_vector(classmap: Path, vector: Path, class_names: list[str]) -> None:

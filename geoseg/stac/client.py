@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC
+from datetime import datetime as Datetime
 from typing import Any
 from urllib.parse import urlparse
 
@@ -26,6 +28,7 @@ from geoseg.stac.items import ImageryItem, PointCloudItem, parse_imagery, parse_
 __all__ = [
     "PLANETARY_COMPUTER_URL",
     "StacError",
+    "check_datetime",
     "find_inputs",
     "open_client",
     "search_items",
@@ -39,6 +42,40 @@ RETRY_AFTER_MAX = 60.0
 """Cap on a server's Retry-After so a misbehaving API cannot stall a build for hours."""
 MAX_LISTED_COLLECTIONS = 20
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_DATETIME = re.compile(
+    r"\d{4}(-\d{2}(-\d{2}([Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?)?)?)?"
+)
+"""What pystac-client expands into a search interval: a year, month, day or RFC 3339 instant."""
+
+
+def check_datetime(value: str) -> None:
+    """Raise ValueError (one line) unless `value` is a date or a START/END range STAC accepts.
+
+    pystac-client only checks the text when the search is sent, and then fails with a long
+    traceback; builds call this first, before anything is searched or written.
+    """
+    parts = value.split("/")
+    if len(parts) > 2:
+        raise ValueError(f"{value!r} has more than one '/'")
+    starts = []
+    for part in parts:
+        if len(parts) == 2 and part in ("", ".."):
+            continue  # an open end
+        if not _DATETIME.fullmatch(part):
+            raise ValueError(
+                f"{part!r} is not a date: use YYYY, YYYY-MM, YYYY-MM-DD or an RFC 3339 time, "
+                "and START/END for a range (.. for an open end)"
+            )
+        padded = part + "-01-01"[len(part) - 4 :] if len(part) < 10 else part
+        try:
+            start = Datetime.fromisoformat(padded.replace("z", "Z"))
+        except ValueError as err:
+            raise ValueError(f"{part!r} is not a valid date ({err})") from None
+        starts.append(start if start.tzinfo else start.replace(tzinfo=UTC))
+    if len(parts) == 2 and all(p in ("", "..") for p in parts):
+        raise ValueError(f"{value!r} is open at both ends")
+    if len(starts) == 2 and starts[0] > starts[1]:
+        raise ValueError(f"{value!r} ends before it starts")
 
 
 def open_client(

@@ -22,6 +22,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from geoseg.checkpoints import CONTRACT_KEY, CheckpointError, check_checkpoint_file
 from geoseg.classes import CLASS_COLORS, CLASS_NAMES
 from geoseg.datasets.n3c import N3CCalifornia, N3CDataModule, band_names
 from geoseg.datasets.splits import split_stats, split_tiles
@@ -162,12 +163,39 @@ def _precision(cfg: TrainConfig) -> str:
     return "bf16-mixed" if _on_gpu(cfg) else "32-true"
 
 
+def check_resumable(last: Path, model: str) -> None:
+    """A `last.ckpt` found in the run folder must be a geoseg checkpoint of the same model.
+
+    Lightning would otherwise fail deep in its loader with a long unpickling or state-dict
+    traceback; here it is one line that says how to go on, before anything is written.
+    """
+    if not last.exists():
+        return
+    hint = "move it away or use another --out"
+    try:
+        check_checkpoint_file(last)
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot resume: {exc}; {hint}") from None
+    except Exception as exc:  # damaged weights: zip, pickle and tensor errors of many kinds
+        raise CheckpointError(
+            f"cannot resume: {last} is a damaged checkpoint ({first_line(exc)}); {hint}"
+        ) from None
+    trained = (ckpt.get(CONTRACT_KEY) or {}).get("model")
+    if trained != model:
+        raise CheckpointError(
+            f"cannot resume: {last} holds a {trained!r} model, the config trains {model!r}; {hint}"
+        )
+
+
 def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = True) -> Path:
     """Train (or resume) a run; returns the path of RUN/checkpoints/last.ckpt.
 
-    Raises `ConfigError`/`DataError` before any training when the inputs are wrong.
+    Raises `ConfigError`/`DataError`/`CheckpointError` before any training when the inputs are
+    wrong.
     """
     data, out = Path(data), Path(out)
+    check_resumable(out / "checkpoints" / "last.ckpt", cfg.model.name)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.data.pyramid_device == "auto":
         cfg.data.pyramid_device = "gpu" if _on_gpu(cfg) else "cpu"

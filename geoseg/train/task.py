@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from geoseg.checkpoints import CONTRACT_KEY, CheckpointError
 from geoseg.errors import first_line
 from geoseg.models import create_model
 from geoseg.train.losses import HolisticLoss
@@ -24,12 +25,6 @@ from geoseg.train.metrics import ConfusionMatrix, metrics, predict_labels
 
 CONTRACT_FORMAT = "geoseg-model/1"
 """Version tag of the contract layout; bump it when keys change meaning."""
-
-CONTRACT_KEY = "geoseg_contract"
-
-
-class CheckpointError(ValueError):
-    """A file that is not a readable geoseg checkpoint, or whose weights don't fit its model."""
 
 
 class SegmentationTask(L.LightningModule):
