@@ -1,12 +1,21 @@
-"""The N3C-California label scheme: ASPRS LAS classification codes -> 4 land-cover classes.
+"""Class sets: the label values of a build, their names and colours; N3C-California's here.
 
-One table used by the builder (labels), the datasets (ignore index) and the models (head size),
-so the mapping can never drift between them.
+A build declares its class set in stats.json (`class_names`, `class_colors`), a checkpoint in its
+contract, a prediction in its STAC item: everything downstream reads it from there, so one build
+can hold N3C's ASPRS-derived classes and another ISPRS Vaihingen's. Label value 0 is always
+"unlabeled" (ignored by losses and metrics). The N3C table below is used by the builder (labels),
+and is the fallback for builds made before class sets were recorded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
+
+RGBA = tuple[int, int, int, int]
 
 UNLABELED = 0
 """Label value for pixels/points without a usable class (ignored in losses and metrics)."""
@@ -44,3 +53,89 @@ for _code, _cls in ASPRS_TO_N3C.items():
 def remap_asprs(codes: np.ndarray) -> np.ndarray:
     """Map ASPRS classification codes (uint8, any shape) to N3C labels (0 = unlabeled)."""
     return _LUT[np.asarray(codes, dtype=np.uint8)]
+
+
+@dataclass(frozen=True)
+class ClassSet:
+    """Names, RGBA colours and descriptions indexed by label value; 0 is "unlabeled"."""
+
+    name: str
+    names: tuple[str, ...]
+    colors: tuple[RGBA, ...]
+    descriptions: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.names or self.names[0] != "unlabeled":
+            raise ValueError(f"class set {self.name!r}: label 0 must be 'unlabeled'")
+        if not len(self.names) == len(self.colors) == len(self.descriptions):
+            raise ValueError(f"class set {self.name!r}: names, colors, descriptions differ in size")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"class set {self.name!r}: duplicate class names")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def real(self) -> tuple[str, ...]:
+        """The classes that are ever a target: all but 0."""
+        return self.names[1:]
+
+    def colormap(self) -> dict[int, RGBA]:
+        """GDAL colour table {value: rgba}."""
+        return dict(enumerate(self.colors))
+
+    def stats_keys(self) -> dict[str, Any]:
+        """The stats.json keys a build records its class set under."""
+        return {
+            "class_names": list(self.names),
+            "class_colors": {n: list(c) for n, c in zip(self.names, self.colors, strict=True)},
+            "class_descriptions": list(self.descriptions),
+        }
+
+    def contract_keys(self) -> dict[str, Any]:
+        """The model-contract keys a checkpoint records its class set under."""
+        return {"class_names": list(self.names), "class_colors": [list(c) for c in self.colors]}
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, Any], name: str = "build") -> ClassSet:
+        """The class set of a build's stats.json; N3C for builds made before it was recorded."""
+        names = stats.get("class_names")
+        if not names:
+            return N3C
+        colors = stats.get("class_colors") or {}
+        descriptions = stats.get("class_descriptions") or [""] * len(names)
+        return cls(
+            name,
+            tuple(names),
+            tuple(_rgba(colors.get(n, (0, 0, 0, 0))) for n in names),
+            tuple(descriptions),
+        )
+
+    @classmethod
+    def from_contract(cls, contract: Mapping[str, Any], name: str = "model") -> ClassSet:
+        """The class set of a checkpoint's model contract."""
+        names = contract["class_names"]
+        return cls(
+            name,
+            tuple(names),
+            tuple(_rgba(c) for c in contract["class_colors"]),
+            ("",) * len(names),
+        )
+
+
+def _rgba(color: Sequence[int]) -> RGBA:
+    values = [int(v) for v in color]
+    if len(values) == 3:
+        values.append(255)
+    if len(values) != 4 or not all(0 <= v <= 255 for v in values):
+        raise ValueError(f"bad colour {list(color)}: expected 3 or 4 values in 0..255")
+    return (values[0], values[1], values[2], values[3])
+
+
+N3C = ClassSet(
+    "n3c",
+    CLASS_NAMES,
+    tuple(CLASS_COLORS[i] for i in range(len(CLASS_NAMES))),
+    CLASS_DESCRIPTIONS,
+)
+"""N3C-California: ASPRS LAS classes -> others / ground / tree / building."""
