@@ -63,32 +63,16 @@ def _classes() -> list[Classification]:
 
 
 def tile_item(manifest: dict[str, Any], split: str) -> pystac.Item:
-    tile = _tile_spec(manifest)
-    foot = tile.footprint_lonlat()
-    item = pystac.Item(
-        id=tile.id,
-        geometry=shapely.geometry.mapping(foot),
-        bbox=list(foot.bounds),
-        datetime=datetime.fromisoformat(manifest["datetime"]),
-        properties={
-            "gsd": tile.gsd,
-            "geoseg:split": split,
-            "geoseg:year": manifest["year"],
-            "geoseg:lidar_project": manifest["inputs"]["lidar_project"],
-            "geoseg:missing_bands": manifest["missing_bands"],
-            # Class order, whatever the manifest's key order (tile.json is written sorted).
-            "geoseg:pixel_counts": {k: manifest["pixels"].get(k, 0) for k in CLASS_NAMES},
-            "geoseg:point_counts": {k: manifest["points"]["n3c"].get(k, 0) for k in CLASS_NAMES},
-        },
-        collection=COLLECTION_ID,
-    )
-    proj = ProjectionExtension.ext(item, add_if_missing=True)
-    proj.epsg = tile.epsg
-    if tile.epsg is None:
-        proj.wkt2 = tile.crs_wkt
-    proj.shape = [tile.size, tile.size]
-    proj.transform = list(tile.transform)[:6]
-    proj.bbox = list(tile.bounds)
+    properties = {
+        "geoseg:split": split,
+        "geoseg:year": manifest["year"],
+        "geoseg:lidar_project": manifest["inputs"]["lidar_project"],
+        "geoseg:missing_bands": manifest["missing_bands"],
+        # Class order, whatever the manifest's key order (tile.json is written sorted).
+        "geoseg:pixel_counts": {k: manifest["pixels"].get(k, 0) for k in CLASS_NAMES},
+        "geoseg:point_counts": {k: manifest["points"]["n3c"].get(k, 0) for k in CLASS_NAMES},
+    }
+    item = new_item(_tile_spec(manifest), manifest["datetime"], properties, COLLECTION_ID)
     RasterExtension.add_to(item)
     FileExtension.add_to(item)
     ClassificationExtension.add_to(item)
@@ -112,11 +96,38 @@ def tile_item(manifest: dict[str, Any], split: str) -> pystac.Item:
         ),
     )
     for asset in item.assets.values():
-        meta = manifest["files"][Path(asset.href).name]
-        fe = FileExtension.ext(asset)
-        fe.size = meta["size"]
-        fe.checksum = "1220" + meta["sha256"]  # multihash: sha2-256, 32 bytes
+        add_file_info(asset, manifest["files"][Path(asset.href).name])
     return item
+
+
+def new_item(tile: TileSpec, when: str, properties: dict[str, Any], collection: str) -> pystac.Item:
+    """A tile's item: lon/lat footprint and bbox, gsd, projection extension. `tile`: anything
+    with id, gsd, size, epsg, crs_wkt, transform, bounds and footprint_lonlat() (the builder's
+    `TileSpec`, `geoseg prepare`'s `GridTile`)."""
+    foot = tile.footprint_lonlat()
+    item = pystac.Item(
+        id=tile.id,
+        geometry=shapely.geometry.mapping(foot),
+        bbox=list(foot.bounds),
+        datetime=datetime.fromisoformat(when),
+        properties={"gsd": tile.gsd, **properties},
+        collection=collection,
+    )
+    proj = ProjectionExtension.ext(item, add_if_missing=True)
+    proj.epsg = tile.epsg
+    if tile.epsg is None:
+        proj.wkt2 = tile.crs_wkt
+    proj.shape = [tile.size, tile.size]
+    proj.transform = list(tile.transform)[:6]
+    proj.bbox = list(tile.bounds)
+    return item
+
+
+def add_file_info(asset: pystac.Asset, meta: dict[str, Any]) -> None:
+    """Size and sha256 multihash of an asset, from its entry in the tile manifest's `files`."""
+    fe = FileExtension.ext(asset)
+    fe.size = meta["size"]
+    fe.checksum = "1220" + meta["sha256"]  # multihash: sha2-256, 32 bytes
 
 
 def write_catalog(
@@ -150,23 +161,44 @@ def write_catalog(
         license="various",
         summaries=pystac.Summaries({"geoseg:split": sorted(set(splits.values()))}),
     )
+    save_collection(
+        out,
+        collection,
+        items,
+        _classes(),
+        [
+            ("report", "./report.json", pystac.MediaType.JSON, "build report"),
+            ("preview", "./preview.png", pystac.MediaType.PNG, "image / label / DSM preview"),
+        ],
+    )
+    write_index(out, done, splits)
+
+
+def save_collection(
+    out: Path,
+    collection: pystac.Collection,
+    items: list[pystac.Item],
+    classes: list[Classification],
+    assets: list[tuple[str, str, str, str]],
+) -> None:
+    """Add the items, the class summary and the build-level assets (the index, footprints and
+    stats every build has, plus `assets`: (key, href, media type, title)); save the collection
+    self-contained with each item beside its tile's files. Shared with `geoseg prepare`."""
     ClassificationExtension.add_to(collection)
-    collection.summaries.add("classification:classes", [c.to_dict() for c in _classes()])
+    collection.summaries.add("classification:classes", [c.to_dict() for c in classes])
     for item in items:
         collection.add_item(item)
     for key, href, media, title in (
         ("index", "./index.parquet", "application/vnd.apache.parquet", "GeoParquet tile index"),
         ("footprints", "./tiles.geojson", pystac.MediaType.GEOJSON, "tile footprints (GIS layer)"),
         ("stats", "./stats.json", pystac.MediaType.JSON, "band statistics and class counts"),
-        ("report", "./report.json", pystac.MediaType.JSON, "build report"),
-        ("preview", "./preview.png", pystac.MediaType.PNG, "image / label / DSM preview"),
+        *assets,
     ):
         collection.add_asset(
             key, pystac.Asset(href, title=title, media_type=media, roles=["metadata"])
         )
     collection.normalize_hrefs(str(out), strategy=_TileLayout())
     collection.save(pystac.CatalogType.SELF_CONTAINED, dest_href=str(out))
-    write_index(out, done, splits)
 
 
 class _TileLayout(pystac.layout.HrefLayoutStrategy):

@@ -128,12 +128,22 @@ def write_cog(
 IMAGE_COLORINTERP = (ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.undefined)
 
 
-def write_laz(final: Path, arrays: dict[str, np.ndarray], tile: TileSpec, day: date) -> None:
+def write_laz(
+    final: Path,
+    arrays: dict[str, np.ndarray],
+    tile: TileSpec,
+    day: date,
+    extra: dict[str, np.ndarray] | None = None,
+) -> None:
     """Write tile points as LAS 1.4 PF6 LAZ in the tile CRS (1 cm resolution).
 
     The header date is the acquisition's date, not today's, so rebuilt files are byte-identical.
+    `extra`: further per-point arrays stored as LAS extra bytes under their names (e.g. a
+    prepared benchmark's `label` in its own class set, `geoseg prepare`).
     """
     header = laspy.LasHeader(point_format=6, version="1.4")
+    for name, values in (extra or {}).items():
+        header.add_extra_dim(laspy.ExtraBytesParams(name, np.asarray(values).dtype))
     header.scales = np.array([0.01, 0.01, 0.01])
     xmin, ymin, _, _ = tile.bounds
     header.offsets = np.array([xmin, ymin, 0.0])
@@ -152,6 +162,8 @@ def write_laz(final: Path, arrays: dict[str, np.ndarray], tile: TileSpec, day: d
         "classification",
     ):
         setattr(las, name, arrays[name])
+    for name, values in (extra or {}).items():
+        las[name] = values
     write_bytes_atomic(
         final, lambda p: las.write(str(p), do_compress=True, laz_backend=laspy.LazBackend.Lazrs)
     )
