@@ -9,6 +9,7 @@ geo-samplers can cut arbitrary windows across tiles (image and mask only: points
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 from torchgeo.datasets import NonGeoDataset, RasterDataset
 
+from geoseg.classes import ClassSet
 from geoseg.datasets.cache import TileCache, build_cache
 from geoseg.datasets.points import (
     PointConfig,
@@ -50,12 +52,30 @@ BAND_PRESETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _band_layer(band: str) -> tuple[str, int]:
-    """(layer, 1-based band index) of a band name."""
+def _stats_file(root: Path) -> dict[str, Any]:
+    path = root / "stats.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def build_band_layout(root: Path) -> dict[str, Any]:
+    """A build's `stats.json` band entries (where each band lives), {} when it has none."""
+    return _stats_file(root).get("bands", {})
+
+
+def _band_layer(band: str, stats: dict[str, Any] | None = None) -> tuple[str, int]:
+    """(layer, 1-based band index) of a band name.
+
+    A build's stats.json may place a band itself (`bands.<name>.layer` and `.band`), which is
+    how prepared benchmarks add layers (DFC2018's `hsi.tif`, its three intensities); bands it
+    doesn't place are looked up in `LAYER_BANDS`, the N3C layout.
+    """
+    entry = (stats or {}).get(band, {})
+    if "layer" in entry and "band" in entry:
+        return entry["layer"], int(entry["band"])
     for layer, names in LAYER_BANDS.items():
         if band in names:
             return layer, names.index(band) + 1
-    known = [b for names in LAYER_BANDS.values() for b in names]
+    known = list(stats or {}) or [b for names in LAYER_BANDS.values() for b in names]
     raise ValueError(f"unknown band {band!r}; choose from {known} or presets {list(BAND_PRESETS)}")
 
 
@@ -130,7 +150,9 @@ class N3CCalifornia(NonGeoDataset):
         self.bands = band_names(bands)
         if not self.bands:
             raise ValueError("no bands selected")
-        self._sources = [_band_layer(b) for b in self.bands]
+        layout = build_band_layout(self.root)
+        self._sources = [_band_layer(b, layout) for b in self.bands]
+        self.num_classes = len(ClassSet.from_stats(_stats_file(self.root)))
         if mean_std is None:
             stats = split_stats(self.root, "train")["bands"]
             mean_std = [stats[b]["mean"] for b in self.bands], [stats[b]["std"] for b in self.bands]
@@ -204,7 +226,15 @@ class N3CCalifornia(NonGeoDataset):
         else:
             points = select_points(self.read_points(index), cfg.grid_size)
         pts = sample_points(
-            points, transform, mask.shape, cfg, rng, view, self.neighbours, self.score_points
+            points,
+            transform,
+            mask.shape,
+            cfg,
+            rng,
+            view,
+            self.neighbours,
+            self.score_points,
+            self.num_classes,
         )
         if view is not None:
             image, mask = view.apply(image), view.apply(mask)
@@ -315,7 +345,8 @@ class N3CDataModule(L.LightningDataModule):
         cache = None
         if self.cache_dir is not None:
             bands = band_names(self.bands)
-            layers = [*dict.fromkeys(_band_layer(band)[0] for band in bands), "label"]
+            layout = build_band_layout(self.root)
+            layers = [*dict.fromkeys(_band_layer(band, layout)[0] for band in bands), "label"]
             grid = self.point_config.grid_size
             cache = build_cache(self.root, split, self.cache_dir, layers, point_grid=grid)
         train = split == "train"

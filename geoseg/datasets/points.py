@@ -28,16 +28,31 @@ from geoseg.classes import CLASS_NAMES, NOISE_CODES, remap_asprs
 from geoseg.models.batch import point_pyramid, pyramid_levels
 
 POINT_FEATURES = ("intensity", "return_number")
-"""Per-point input features after xyz, as in the authors' loader (point_in_channels = 5)."""
+"""Per-point input features after xyz, as in the authors' loader (point_in_channels = 5); the
+default of `PointConfig.features`."""
 
 POINT_FIELDS = ("x", "y", "z", *POINT_FEATURES, "classification")
-"""The LAS fields the pipeline reads."""
+"""The LAS fields the pipeline always reads (plus every extra dimension the file has)."""
+
+LABEL_DIM = "label"
+"""Optional LAS extra dimension holding each point's class in the build's own class set
+(`geoseg prepare` builds); without it, points are labelled from their ASPRS classification."""
 
 
 def read_points(path: str | Path) -> dict[str, np.ndarray]:
-    """A tile's `points.laz` as the `POINT_FIELDS` arrays, x/y/z as float64 map coordinates."""
+    """A tile's `points.laz` as the `POINT_FIELDS` arrays and its extra dimensions (e.g.
+    `label`, `intensity_c1`), x/y/z as float64 map coordinates."""
     las = laspy.read(path)
-    return {name: np.asarray(las[name]) for name in POINT_FIELDS}
+    names = (*POINT_FIELDS, *las.point_format.extra_dimension_names)
+    return {name: np.asarray(las[name]) for name in names}
+
+
+def point_labels(points: dict[str, np.ndarray]) -> np.ndarray:
+    """Class labels of points: the `label` dimension if the build wrote one, else N3C's
+    remapping of the ASPRS classification."""
+    if LABEL_DIM in points:
+        return np.asarray(points[LABEL_DIM], np.uint8)
+    return remap_asprs(np.asarray(points["classification"]))
 
 
 @dataclass(frozen=True)
@@ -48,7 +63,9 @@ class PointConfig:
     augmentation of the points: rotation about z, scale and jitter (the views shared with the
     image are the dataset's, `View`). `replace`: draw the sample with replacement, as the
     released code does (`np.random.choice(n, num_points)`), instead of every point at most once
-    until the tile runs out (docs/ikdnet.md, deviations).
+    until the tile runs out (docs/ikdnet.md, deviations). `features`: the per-point inputs after
+    xyz (LAS fields or extra dimensions of the build's points.laz, e.g. DFC2018's
+    `intensity_c1..3`); the point branch takes 3 + len(features).
     """
 
     num_points: int = 131072
@@ -58,8 +75,12 @@ class PointConfig:
     k: int = 16
     augment: bool = False
     replace: bool = False
+    features: tuple[str, ...] = POINT_FEATURES
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "features", tuple(self.features))  # lists from YAML / contract
+        if not self.features:
+            raise ValueError("features must name at least one per-point input")
         needed = self.k * self.ratio ** (self.levels - 1)
         if self.num_points < max(needed, self.ratio**self.levels):
             raise ValueError(
@@ -245,7 +266,7 @@ def select_points(arrays: dict[str, np.ndarray], grid_size: float) -> dict[str, 
     if len(xyz) == 0:
         raise ValueError("tile has no non-noise points")
     idx = np.flatnonzero(keep)[grid_subsample(xyz, grid_size)]
-    return {name: np.asarray(arrays[name])[idx] for name in POINT_FIELDS}
+    return {name: np.asarray(values)[idx] for name, values in arrays.items()}
 
 
 def sample_points(
@@ -257,13 +278,18 @@ def sample_points(
     view: View | None = None,
     neighbours: bool = True,
     score: bool = False,
+    num_classes: int = len(CLASS_NAMES),
 ) -> dict[str, np.ndarray | list[np.ndarray]]:
-    """The per-sample part of the pipeline on `select_points`' output (see `prepare_points`)."""
+    """The per-sample part of the pipeline on `select_points`' output (see `prepare_points`);
+    `num_classes`: the build's, for `label_counts`."""
     idx = sample_fixed(len(points["x"]), cfg.num_points, rng, cfg.replace)
     x, y, z = (np.asarray(points[name])[idx] for name in ("x", "y", "z"))
     rowcol = points_to_pixels(x, y, tile_transform, size)
     xyz = standardise(np.stack([x, y, z], axis=1))
-    features = standardise(np.stack([points[name][idx] for name in POINT_FEATURES], axis=1))
+    missing = [name for name in cfg.features if name not in points]
+    if missing:
+        raise ValueError(f"the points have no {missing}; they have {sorted(points)}")
+    features = standardise(np.stack([points[name][idx] for name in cfg.features], axis=1))
     if cfg.augment:
         xyz, _ = augment(xyz, rng)
     if view is not None:
@@ -278,14 +304,21 @@ def sample_points(
         for level, pixels in enumerate(out["pixels"]):
             view.pixels(pixels, (height // 2**level, width // 2**level))
     out["features"] = features
-    out["labels"] = remap_asprs(np.asarray(points["classification"])[idx]).astype(np.int64)
+    labels = point_labels(points)
+    out["labels"] = labels[idx].astype(np.int64)
     if score:
-        out["label_counts"] = label_counts(points, idx)
+        out["label_counts"] = label_counts(points, idx, num_classes, labels)
     return out
 
 
-def label_counts(points: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
-    """Per sampled point, the N3C labels of the tile points it stands for: (len(idx), K) int32.
+def label_counts(
+    points: dict[str, np.ndarray],
+    idx: np.ndarray,
+    num_classes: int = len(CLASS_NAMES),
+    labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per sampled point, the labels of the tile points it stands for: (len(idx), K) int32,
+    K = `num_classes` (the build's; `labels` defaults to `point_labels(points)`).
 
     Point metrics must count each of the tile's points once, but the network sees a fixed-size
     sample: duplicates pad small tiles and large tiles leave points out. Each point of the tile
@@ -296,7 +329,7 @@ def label_counts(points: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
     """
     from scipy.spatial import cKDTree
 
-    labels = remap_asprs(np.asarray(points["classification"])).astype(np.int64)
+    labels = (point_labels(points) if labels is None else labels).astype(np.int64)
     owner = np.full(len(labels), -1, dtype=np.int64)
     drawn, first = np.unique(idx, return_index=True)
     owner[drawn] = first
@@ -305,7 +338,7 @@ def label_counts(points: dict[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
         xyz = np.stack([points[name] for name in ("x", "y", "z")], axis=1).astype(np.float64)
         _, nearest = cKDTree(xyz[drawn]).query(xyz[missing])
         owner[missing] = first[nearest]
-    counts = np.zeros((len(idx), len(CLASS_NAMES)), dtype=np.int32)
+    counts = np.zeros((len(idx), num_classes), dtype=np.int32)
     np.add.at(counts, (owner, labels), 1)
     return counts
 
@@ -319,7 +352,7 @@ def prepare_points(
     view: View | None = None,
     neighbours: bool = True,
 ) -> dict[str, np.ndarray | list[np.ndarray]]:
-    """One tile's `PointsBatch` entries (no batch axis) plus N3C point `labels` (int64, N).
+    """One tile's `PointsBatch` entries (no batch axis) plus point `labels` (int64, N).
 
     `select_points(arrays)` then `sample_points`. `view` (e.g. a flip) moves xyz and the pixels;
     the caller moves image and mask to match (`View.apply`). `neighbours=False` skips the kNN
