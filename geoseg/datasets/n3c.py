@@ -57,6 +57,11 @@ def _stats_file(root: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def build_classes(root: str | Path) -> ClassSet:
+    """A build's class set (stats.json; N3C for builds that predate recorded class sets)."""
+    return ClassSet.from_stats(_stats_file(Path(root)))
+
+
 def build_band_layout(root: Path) -> dict[str, Any]:
     """A build's `stats.json` band entries (where each band lives), {} when it has none."""
     return _stats_file(root).get("bands", {})
@@ -152,7 +157,7 @@ class N3CCalifornia(NonGeoDataset):
             raise ValueError("no bands selected")
         layout = build_band_layout(self.root)
         self._sources = [_band_layer(b, layout) for b in self.bands]
-        self.num_classes = len(ClassSet.from_stats(_stats_file(self.root)))
+        self.num_classes = len(build_classes(self.root))
         if mean_std is None:
             stats = split_stats(self.root, "train")["bands"]
             mean_std = [stats[b]["mean"] for b in self.bands], [stats[b]["std"] for b in self.bands]

@@ -16,13 +16,18 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader
 
-from geoseg.classes import CLASS_NAMES
 from geoseg.datasets.n3c import N3CCalifornia, collate
 from geoseg.datasets.points import PointConfig
 from geoseg.device import AUTO, resolve_device
 from geoseg.train.card import add_metrics, card_run, metrics_entry, read_card
 from geoseg.train.config import DataError
-from geoseg.train.metrics import ConfusionMatrix, majority_baseline, predict_labels, save_confusion
+from geoseg.train.metrics import (
+    ConfusionMatrix,
+    majority_baseline,
+    predict_labels,
+    protocol_metrics,
+    save_confusion,
+)
 from geoseg.train.task import load_model, update_point_confusion
 
 
@@ -40,6 +45,22 @@ def _dataset(data: Path, split: str, contract: dict[str, Any]) -> N3CCalifornia:
     if gsds != [contract["gsd"]]:
         raise DataError(f"{data} split {split!r} has gsd {gsds} m; model expects {contract['gsd']}")
     return dataset
+
+
+def benchmark_metrics(
+    data: Path, cm: ConfusionMatrix, class_names: list[str]
+) -> dict[str, Any] | None:
+    """The build's own benchmark scores (its protocol.json, written by `geoseg prepare`), or
+    None for builds without one."""
+    path = data / "protocol.json"
+    if not path.is_file():
+        return None
+    protocol = json.loads(path.read_text())
+    try:
+        scores = protocol_metrics(protocol, cm, class_names)
+    except (KeyError, ValueError) as exc:
+        raise DataError(f"{path}: {exc}") from None
+    return {"name": protocol["name"], **scores}
 
 
 def evaluate(
@@ -66,7 +87,8 @@ def evaluate(
     if run_on.type == "cuda":
         model.to(memory_format=torch.channels_last)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    pixels, points = ConfusionMatrix(), ConfusionMatrix()
+    names = list(contract["class_names"])
+    pixels, points = ConfusionMatrix(len(names)), ConfusionMatrix(len(names))
     with (
         torch.inference_mode(),
         torch.autocast(run_on.type, torch.bfloat16, enabled=run_on.type == "cuda"),
@@ -84,19 +106,23 @@ def evaluate(
         "split": split,
         "tiles": len(dataset),
         "model": contract["model"],
-        "pixels": save_confusion(pixels, out / "confusion.json", out / "confusion.png"),
+        "pixels": save_confusion(pixels, out / "confusion.json", out / "confusion.png", names),
         "points": None,
+        "protocol": benchmark_metrics(data, pixels, names),
     }
     if points.matrix.sum() > 0:
         payload["points"] = save_confusion(
-            points, out / "points_confusion.json", out / "points_confusion.png"
+            points, out / "points_confusion.json", out / "points_confusion.png", names
         )
-    for kind in ("pixels", "points"):
+    for kind in ("pixels", "points", "protocol"):
         if payload[kind] is not None:  # NaN (e.g. a class absent from the split) -> null
-            payload[kind] = {k: None if np.isnan(v) else v for k, v in payload[kind].items()}
+            payload[kind] = {
+                k: None if isinstance(v, float) and np.isnan(v) else v
+                for k, v in payload[kind].items()
+            }
     run = card_run(Path(checkpoint))
     card = read_card(run) if run is not None else None
-    payload["baseline"] = _baseline(pixels, card)
+    payload["baseline"] = _baseline(pixels, card, names)
     (out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
     if card is not None:
         same = Path(card["data"]["path"]) == data.resolve()
@@ -108,15 +134,16 @@ def evaluate(
     return payload
 
 
-def _baseline(pixels: ConfusionMatrix, card: dict[str, Any] | None) -> dict[str, Any]:
+def _baseline(
+    pixels: ConfusionMatrix, card: dict[str, Any] | None, names: list[str]
+) -> dict[str, Any]:
     """Pixel scores of a constant map, beside the model's: of the training majority class when
     the run's model card names it, else of this split's own most frequent class."""
-    names = list(CLASS_NAMES)
     if card is not None:
         label, source = names.index(card["majority_class"]), "training majority class"
     else:
         label, source = int(pixels.matrix[1:].sum(1).argmax()) + 1, "this split's majority class"
-    scores = majority_baseline(pixels, label)
+    scores = majority_baseline(pixels, label, names)
     return {"predicts": names[label], "source": source} | {
         k: None if np.isnan(scores[k]) else scores[k] for k in ("miou", "oa", "kappa")
     }

@@ -23,8 +23,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from geoseg.checkpoints import CONTRACT_KEY, CheckpointError, check_checkpoint_file
-from geoseg.classes import CLASS_COLORS, CLASS_NAMES
-from geoseg.datasets.n3c import N3CCalifornia, N3CDataModule, band_names
+from geoseg.classes import ClassSet
+from geoseg.datasets.n3c import N3CCalifornia, N3CDataModule, band_names, build_classes
 from geoseg.datasets.splits import split_stats, split_tiles
 from geoseg.errors import first_line
 from geoseg.models import MODELS, uses_points
@@ -81,7 +81,7 @@ class ModelCardWriter(Callback):
         matrices = task.epoch_matrices.get("val")
         if matrices is None:
             return
-        miou = metrics(matrices["pixels"])["miou"]
+        miou = metrics(matrices["pixels"], task.class_names)["miou"]
         if not math.isnan(miou) and miou > self.best:
             self.best = miou
             step = trainer.global_step
@@ -115,23 +115,42 @@ class SaveFinalStep(Callback):
             trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable
 
 
-def resolve_model_kwargs(cfg: TrainConfig, num_bands: int) -> dict[str, Any]:
-    """Model kwargs with `in_channels` = number of bands where the model takes an image.
+def resolve_model_kwargs(
+    cfg: TrainConfig,
+    num_bands: int,
+    num_classes: int | None = None,
+    num_point_features: int | None = None,
+) -> dict[str, Any]:
+    """Model kwargs with the sizes the data fixes, where the model takes them: `in_channels` =
+    number of bands, `num_classes` = the build's class count (label 0 included),
+    `point_in_channels` = xyz + point features.
 
-    Deriving it keeps a config from disagreeing with its own band list; an explicit value that
+    Deriving them keeps a config from disagreeing with its data; an explicit value that
     disagrees is an error rather than a shape mismatch deep inside the first forward pass.
     """
     if cfg.model.name not in MODELS:
         raise ConfigError(f"unknown model {cfg.model.name!r}; choose from {sorted(MODELS)}")
     kwargs = dict(cfg.model.kwargs)
-    if "in_channels" in inspect.signature(MODELS[cfg.model.name]).parameters:
-        given = kwargs.setdefault("in_channels", num_bands)
-        if given != num_bands:
-            raise ConfigError(f"model in_channels={given} but data.bands has {num_bands} bands")
+    params = inspect.signature(MODELS[cfg.model.name]).parameters
+    derived = {
+        "in_channels": (num_bands, "data.bands has {} bands"),
+        "num_classes": (num_classes, "the build has {} classes (label 0 included)"),
+        "point_in_channels": (
+            None if num_point_features is None else 3 + num_point_features,
+            "xyz + data.points.features make {} point inputs",
+        ),
+    }
+    for key, (value, why) in derived.items():
+        if key in params and value is not None:
+            given = kwargs.setdefault(key, value)
+            if given != value:
+                raise ConfigError(f"model {key}={given} but {why.format(value)}")
     return kwargs
 
 
-def make_contract(dataset: N3CCalifornia, cfg: TrainConfig, model_kwargs: dict) -> dict[str, Any]:
+def make_contract(
+    dataset: N3CCalifornia, cfg: TrainConfig, model_kwargs: dict, classes: ClassSet
+) -> dict[str, Any]:
     """The model contract (see `geoseg.train.task`) of a model trained on `dataset`'s build."""
     index = pd.read_parquet(dataset.root / "index.parquet", columns=["split", "gsd", "size"])
     tiles = index[index["split"] == dataset.split]
@@ -146,8 +165,7 @@ def make_contract(dataset: N3CCalifornia, cfg: TrainConfig, model_kwargs: dict) 
         "std": [float(v) for v in dataset.std],
         "gsd": float(tiles["gsd"].iloc[0]),
         "tile_size": int(tiles["size"].iloc[0]),
-        "class_names": list(CLASS_NAMES),
-        "class_colors": [list(CLASS_COLORS[i]) for i in range(len(CLASS_NAMES))],
+        **classes.contract_keys(),
         "points": points,
         "seed": cfg.seed,
     }
@@ -202,7 +220,11 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = 
     try:
         split_tiles(data, "train")  # a wrong folder is reported as such, before its statistics
         stats = split_stats(data, "train")
-        weights = class_weights(stats["pixels"]), class_weights(stats["points"])
+        classes = build_classes(data)
+        weights = (
+            class_weights(stats["pixels"], classes.names),
+            class_weights(stats["points"], classes.names),
+        )
         mean_std = normalisation(cfg, band_names(cfg.data.bands), stats)
         dm = N3CDataModule(
             data, cfg.data.batch_size, cfg.data.num_workers, cfg.data.bands,
@@ -216,10 +238,11 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = 
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise DataError(str(exc)) from None
     train_set = dm.datasets["train"]
-    model_kwargs = resolve_model_kwargs(cfg, len(train_set.bands))
+    features = train_set.point_config.features
+    model_kwargs = resolve_model_kwargs(cfg, len(train_set.bands), len(classes), len(features))
     cfg.model.kwargs = model_kwargs
     cfg.trainer.precision = _precision(cfg)
-    contract = make_contract(train_set, cfg, model_kwargs)
+    contract = make_contract(train_set, cfg, model_kwargs, classes)
     try:
         task = SegmentationTask(
             cfg.model.name,

@@ -22,34 +22,40 @@ from geoseg.models.batch import ModelOutput
 Detach = Literal["none", "point", "pixel"]
 
 
-def class_weights(counts: Mapping[str, int] | Sequence[int], offset: float = 0.02) -> Tensor:
+def class_weights(
+    counts: Mapping[str, int] | Sequence[int],
+    class_names: Sequence[str] = CLASS_NAMES,
+    offset: float = 0.02,
+) -> Tensor:
     """Weights w_c = 1/(f_c + offset) indexed by label value; w_0 = 0 (unlabeled never counts).
 
     `counts` is a stats.json class-count dict keyed by class name ("pixels" or "points"; missing
-    names count 0, "unlabeled" is ignored), or a sequence indexed by label value (5 entries) or
-    over the real classes 1..4 (4 entries). f_c = count_c / Σ real counts, so the weights follow
-    the build actually trained on instead of the authors' hard-coded N3C counts. The offset
-    bounds the weight of absent classes at 1/offset.
+    names count 0, "unlabeled" is ignored), or a sequence indexed by label value (K entries) or
+    over the real classes 1..K-1, for the build's `class_names` (K of them, label 0 first).
+    f_c = count_c / Σ real counts, so the weights follow the build actually trained on instead
+    of the authors' hard-coded N3C counts. The offset bounds the weight of absent classes at
+    1/offset.
     """
-    real = CLASS_NAMES[1:]
+    class_names = tuple(class_names)
+    real = class_names[1:]
     if isinstance(counts, Mapping):
-        unknown = set(counts) - set(CLASS_NAMES)
+        unknown = set(counts) - set(class_names)
         if unknown:
-            raise ValueError(f"unknown class names {sorted(unknown)}; expected {CLASS_NAMES}")
+            raise ValueError(f"unknown class names {sorted(unknown)}; expected {class_names}")
         values = [counts.get(name, 0) for name in real]
-    elif len(counts) == len(CLASS_NAMES):
+    elif len(counts) == len(class_names):
         values = list(counts[1:])
     elif len(counts) == len(real):
         values = list(counts)
     else:
-        raise ValueError(f"expected {len(real)} or {len(CLASS_NAMES)} counts, got {len(counts)}")
+        raise ValueError(f"expected {len(real)} or {len(class_names)} counts, got {len(counts)}")
     freq = torch.tensor(values, dtype=torch.float64)
     if (freq < 0).any():
         raise ValueError(f"class counts must be non-negative, got {values}")
     total = freq.sum()
     if total == 0:
         raise ValueError("all class counts are zero: no labelled data to derive weights from")
-    weights = torch.zeros(len(CLASS_NAMES), dtype=torch.float64)
+    weights = torch.zeros(len(class_names), dtype=torch.float64)
     weights[1:] = 1.0 / (freq / total + offset)
     return weights.float()
 

@@ -163,3 +163,47 @@ def save_confusion(
     fig.tight_layout()
     fig.savefig(path_png, dpi=100)
     return scores
+
+
+def isprs_2d_metrics(
+    cm: ConfusionMatrix | Tensor | np.ndarray,
+    class_names: Sequence[str],
+    excluded: Sequence[str] = ("clutter",),
+) -> dict[str, float]:
+    """The ISPRS 2D labelling benchmark's scores: OA over every labelled pixel, F1 per class,
+    and mean F1 / mIoU over the classes not `excluded` (clutter is commonly left out of means).
+
+    Computed on whatever reference the matrix was filled from; with `geoseg prepare vaihingen`
+    builds that is the eroded (no-boundary) reference the benchmark scores with.
+    """
+    scores = metrics(cm, class_names)
+    kept = [n for n in class_names[1:] if n not in set(excluded)]
+    out = {"oa": scores["oa"]}
+    out |= {f"f1/{n}": scores[f"f1/{n}"] for n in class_names[1:]}
+    out |= {f"iou/{n}": scores[f"iou/{n}"] for n in class_names[1:]}
+    for key, prefix in (("mf1", "f1"), ("miou", "iou")):
+        values = np.array([out[f"{prefix}/{n}"] for n in kept])
+        out[key] = float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
+    return out
+
+
+def dfc2018_metrics(
+    cm: ConfusionMatrix | Tensor | np.ndarray, class_names: Sequence[str]
+) -> dict[str, float]:
+    """The 2018 GRSS Data Fusion Contest's scores: overall accuracy, average accuracy (mean
+    per-class recall over the classes in the reference) and Cohen's kappa."""
+    scores = metrics(cm, class_names)
+    out = {"oa": scores["oa"], "aa": scores["macc"], "kappa": scores["kappa"]}
+    return out | {f"acc/{n}": scores[f"acc/{n}"] for n in class_names[1:]}
+
+
+def protocol_metrics(
+    protocol: dict, cm: ConfusionMatrix | Tensor | np.ndarray, class_names: Sequence[str]
+) -> dict[str, float]:
+    """The scores a benchmark's protocol.json (`geoseg prepare`) prescribes."""
+    name = protocol["name"]
+    if name == "isprs-2d-labelling":
+        return isprs_2d_metrics(cm, class_names, protocol.get("excluded_from_means", ()))
+    if name == "dfc2018":
+        return dfc2018_metrics(cm, class_names)
+    raise ValueError(f"unknown protocol {name!r}; known: isprs-2d-labelling, dfc2018")

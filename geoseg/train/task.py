@@ -55,8 +55,10 @@ class SegmentationTask(L.LightningModule):
         )
         self.optim = {"lr": 1e-3, "weight_decay": 0.0, "gamma": 0.9886, **(optim or {})}
         self.contract = contract
+        self.class_names = list(contract["class_names"])
+        k = len(self.class_names)
         self.confusion = {
-            stage: {"pixels": ConfusionMatrix(), "points": ConfusionMatrix()}
+            stage: {"pixels": ConfusionMatrix(k), "points": ConfusionMatrix(k)}
             for stage in ("val", "test")
         }
         self.epoch_matrices: dict[str, dict[str, Tensor]] = {}  # summed over ranks, per stage
@@ -107,9 +109,10 @@ class SegmentationTask(L.LightningModule):
             for kind, cm in self.confusion[stage].items()
         }
         self.epoch_matrices[stage] = summed
-        logged = {f"{stage}_{k}": v for k, v in metrics(summed["pixels"]).items()}
+        scores = metrics(summed["pixels"], self.class_names)
+        logged = {f"{stage}_{k}": v for k, v in scores.items()}
         if summed["points"][1:].sum() > 0:
-            scores = metrics(summed["points"])
+            scores = metrics(summed["points"], self.class_names)
             logged.update({f"{stage}_points_{k}": scores[k] for k in ("miou", "oa")})
         # Equal on every rank already; sync_dist (a mean of equal values) only tells Lightning so.
         self.log_dict(logged, sync_dist=True)
