@@ -368,6 +368,13 @@ def qgis_install_cmd(profile: str) -> None:
     )
 
 
+def _add_prepare_commands() -> None:
+    """`geoseg prepare vaihingen|dfc2018` (geoseg/prepare/cli.py; imports nothing heavy)."""
+    from geoseg.prepare.cli import prepare_group
+
+    main.add_command(prepare_group)
+
+
 def _add_plugin_commands() -> None:
     """Subcommands registered by other packages (retrieval/) under the `geoseg.commands`
     entry-point group, so geoseg gains them without importing those packages itself."""
@@ -377,6 +384,7 @@ def _add_plugin_commands() -> None:
         main.add_command(entry.load(), entry.name)
 
 
+_add_prepare_commands()
 _add_plugin_commands()
 
 if __name__ == "__main__":

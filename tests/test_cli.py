@@ -16,8 +16,8 @@ def test_version():
     assert res.exit_code == 0 and __version__ in res.output
 
 
-# Commands that write nothing of their own: `qgis` is a group.
-NO_OUT = {"qgis"}
+# Commands that write nothing of their own: groups (`prepare`'s commands are checked below).
+NO_OUT = {"qgis", "prepare"}
 
 
 def test_every_command_has_help_and_out():
@@ -30,6 +30,12 @@ def test_every_command_has_help_and_out():
         assert name in NO_OUT or "--out" in res.output, f"{name} lacks --out"
         assert name in top.output
         assert command.help
+
+
+def test_prepare_commands_take_src_and_out():
+    for name in ("vaihingen", "dfc2018"):
+        res = CliRunner().invoke(main, ["prepare", name, "--help"])
+        assert res.exit_code == 0 and "--src" in res.output and "--out" in res.output, name
 
 
 def test_build_dataset_help_lists_the_documented_options():
