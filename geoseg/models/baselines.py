@@ -1,6 +1,7 @@
 """Baselines IKD-Net is compared with, behind the same batch/output contract.
 
-- `SmpUNet`: image-only U-Net from segmentation-models-pytorch (any smp encoder, random init).
+- `SmpUNet`: image-only U-Net from segmentation-models-pytorch (any smp encoder; random init
+  or pretrained weights, `geoseg.models.pretrained`).
 - `PointsOnly`: RandLA-Net alone; its point scores are also put on the image grid by the
   Dimension Sensor so that pixel metrics compare with the image models.
 - `EarlyFusion`: smp U-Net on the image stacked with LiDAR rasters (height, intensity, return
@@ -19,27 +20,39 @@ from torch import nn
 
 from geoseg.models.batch import Batch, ModelOutput
 from geoseg.models.fusion import DimensionSensor
+from geoseg.models.pretrained import ENCODERS, load_encoder_weights
 from geoseg.models.randlanet import RandLANet
 
 
 class SmpUNet(nn.Module):
-    """smp.Unet over batch["image"]; extra keyword arguments go to smp.Unet."""
+    """smp.Unet over batch["image"]; extra keyword arguments go to smp.Unet.
+
+    `weights`: pretrained encoder weights (`geoseg.models.pretrained`) for an encoder geoseg
+    knows (`ENCODERS`, by geoseg or smp name); smp's own downloads are never used (offline).
+    """
 
     def __init__(
         self,
         in_channels: int = 4,
         num_classes: int = 5,
         encoder_name: str = "resnet34",
+        weights: str | None = None,
         **smp_kwargs: Any,
     ) -> None:
         super().__init__()
+        ours = {smp_name: name for name, smp_name in ENCODERS.items()}
+        name = ours.get(encoder_name, encoder_name)
         self.net = smp.Unet(
-            encoder_name=encoder_name,
+            encoder_name=ENCODERS.get(name, encoder_name),
             encoder_weights=None,
             in_channels=in_channels,
             classes=num_classes,
             **smp_kwargs,
         )
+        if weights is not None:
+            if name not in ENCODERS:
+                raise ValueError(f"no pretrained weights for encoder {encoder_name!r}")
+            load_encoder_weights(self.net.encoder, name, weights)
 
     def forward(self, batch: Batch) -> ModelOutput:
         return ModelOutput(logits=self.net(batch["image"]), point_logits=None, gates=None)

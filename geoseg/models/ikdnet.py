@@ -31,6 +31,8 @@ class IKDNet(nn.Module):
     scores, as the released head (Open3D-ML drops ignored labels from the logits) does; the
     class-0 score is trained by no loss, so as a class centre it would be noise (the ablation
     in docs/ikdnet.md, "CKG classes", measured the two).
+
+    encoder/weights: a pretrained image encoder instead of U-Net's from-scratch one (`UNet`).
     """
 
     def __init__(
@@ -45,6 +47,8 @@ class IKDNet(nn.Module):
         point_widths: Sequence[int] = (16, 64, 128, 256),
         ckg_channels: int = 32,
         ckg_unlabeled: bool = False,
+        encoder: str | None = None,
+        weights: str | None = None,
     ) -> None:
         super().__init__()
         if len(widths) != len(point_widths):
@@ -55,7 +59,9 @@ class IKDNet(nn.Module):
         if use_points:
             self.points = RandLANet(point_in_channels, num_classes, point_widths)
             fusion = self.points.stage_channels
-        self.image = UNet(in_channels, None if use_ckg else num_classes, widths, fusion)
+        self.image = UNet(
+            in_channels, None if use_ckg else num_classes, widths, fusion, encoder, weights
+        )
         self.sensor = DimensionSensor()
         self.gkg = nn.ModuleList(GKG() for _ in widths) if use_gkg else None
         self.ckg = CKG(self.image.out_channels, ckg_channels, num_classes) if use_ckg else None

@@ -8,12 +8,14 @@ inserts the point maps; with zeros it is the plain image U-Net.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from geoseg.models.batch import Batch, ModelOutput
+from geoseg.models.pretrained import create_encoder
 
 
 class DoubleConv(nn.Sequential):
@@ -56,6 +58,11 @@ class UNet(nn.Module):
     The deepest encoder stage keeps widths[-1] channels (milesial's bilinear `factor`), and Up
     stage i outputs the width of the skip two levels above it (the shallowest two output
     widths[0]). num_classes=None leaves out the 1×1 output conv, for a model with its own head.
+
+    `encoder` swaps the from-scratch encoder for a pretrained one (`geoseg.models.pretrained`,
+    e.g. "efficientnet-lite0" with weights "imagenet", or "resnet50" with a TorchGeo weight
+    name): its maps at strides 2 .. 2^levels become the skips and the bottleneck, a DoubleConv
+    on the image gives the stride-1 skip, and the decoder keeps the widths above.
     """
 
     def __init__(
@@ -64,19 +71,32 @@ class UNet(nn.Module):
         num_classes: int | None = 5,
         widths: Sequence[int] = (64, 128, 256, 512),
         fusion_channels: Sequence[int] | None = None,
+        encoder: str | None = None,
+        weights: str | None = None,
     ) -> None:
         super().__init__()
         levels = len(widths)
         fusion = list(fusion_channels) if fusion_channels is not None else [0] * levels
         if len(fusion) != levels:
             raise ValueError(f"fusion_channels needs {levels} entries, got {len(fusion)}")
+        if weights is not None and encoder is None:
+            raise ValueError("weights need a pretrained encoder (encoder=...)")
         self.inc = DoubleConv(in_channels, widths[0])
-        outs = [*widths[1:], widths[-1]]
-        self.downs = nn.ModuleList(Down(w, o) for w, o in zip(widths, outs, strict=True))
+        self.backbone = None
+        if encoder is None:
+            enc = [*widths, widths[-1]]  # channels at strides 1 .. 2^levels
+            self.downs = nn.ModuleList(
+                Down(w, o) for w, o in itertools.pairwise(enc)
+            )
+        else:
+            self.backbone = create_encoder(encoder, in_channels, levels, weights)
+            enc = [widths[0], *self.backbone.out_channels[1:]]
+            self.downs = nn.ModuleList()
+        self._levels = levels
         self.ups = nn.ModuleList()
-        channels = widths[-1]
+        channels = enc[-1]
         for i in range(levels):
-            skip = widths[levels - 1 - i]
+            skip = enc[levels - 1 - i]
             out = widths[max(levels - 2 - i, 0)]
             self.ups.append(Up(channels + fusion[i] + skip, out))
             channels = out
@@ -85,7 +105,7 @@ class UNet(nn.Module):
 
     @property
     def levels(self) -> int:
-        return len(self.downs)
+        return self._levels
 
     def encode(self, image: Tensor) -> list[Tensor]:
         """Encoder maps, shallowest first: levels + 1 tensors at H/2^l."""
@@ -93,6 +113,8 @@ class UNet(nn.Module):
         if image.shape[-2] % factor or image.shape[-1] % factor:
             raise ValueError(f"image size {tuple(image.shape[-2:])} must be divisible by {factor}")
         maps = [self.inc(image)]
+        if self.backbone is not None:
+            return maps + list(self.backbone(image)[1:])
         for down in self.downs:
             maps.append(down(maps[-1]))
         return maps

@@ -175,8 +175,11 @@ def load_model(
             f"{path} has contract format {contract.get('format')!r}; expected {CONTRACT_FORMAT!r}"
         )
     name = contract["model"]
+    kwargs = dict(contract["model_kwargs"])
+    if "weights" in kwargs:  # pretrained weights only start training; the checkpoint's replace them
+        kwargs["weights"] = None
     try:
-        model = create_model(name, **contract["model_kwargs"])
+        model = create_model(name, **kwargs)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild model {name!r}: {exc}") from None
     state = {
