@@ -40,7 +40,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from geoseg.builder.writers import atomic_path
-from geoseg.classes import CLASS_COLORS, CLASS_NAMES
+from geoseg.classes import N3C
 from geoseg.models import create_model
 from geoseg.predict import sliding
 from geoseg.train.task import CONTRACT_FORMAT, CONTRACT_KEY
@@ -101,8 +101,7 @@ def make_checkpoint(path: Path, widths: list[int]) -> None:
     contract = {
         "format": CONTRACT_FORMAT, "model": "unet", "model_kwargs": kwargs, "bands": list(BANDS),
         "mean": MEAN, "std": STD, "gsd": 1.0, "tile_size": TILE,
-        "class_names": list(CLASS_NAMES),
-        "class_colors": [list(CLASS_COLORS[i]) for i in range(len(CLASS_NAMES))],
+        **N3C.contract_keys(),
         "points": {}, "seed": 0,
     }  # fmt: skip
     state = {f"model.{k}": v for k, v in model.state_dict().items()}

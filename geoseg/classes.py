@@ -9,8 +9,10 @@ and is the fallback for builds made before class sets were recorded.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,9 @@ RGBA = tuple[int, int, int, int]
 
 UNLABELED = 0
 """Label value for pixels/points without a usable class (ignored in losses and metrics)."""
+
+UNLABELED_NAME = "unlabeled"
+"""The name of label 0 in every class set."""
 
 CLASS_NAMES: tuple[str, ...] = ("unlabeled", "others", "ground", "tree", "building")
 """Index = label value stored in `label` COGs and in the `classification` of tile points."""
@@ -65,7 +70,7 @@ class ClassSet:
     descriptions: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if not self.names or self.names[0] != "unlabeled":
+        if not self.names or self.names[0] != UNLABELED_NAME:
             raise ValueError(f"class set {self.name!r}: label 0 must be 'unlabeled'")
         if not len(self.names) == len(self.colors) == len(self.descriptions):
             raise ValueError(f"class set {self.name!r}: names, colors, descriptions differ in size")
@@ -139,3 +144,22 @@ N3C = ClassSet(
     CLASS_DESCRIPTIONS,
 )
 """N3C-California: ASPRS LAS classes -> others / ground / tree / building."""
+
+
+def build_classes(root: str | Path) -> ClassSet:
+    """The class set of a build folder (its stats.json); N3C for a build without one recorded."""
+    path = Path(root) / "stats.json"
+    return ClassSet.from_stats(json.loads(path.read_text()) if path.is_file() else {}, "build")
+
+
+LABEL_DIM = "label"
+"""Optional LAS extra dimension holding each point's class in the build's own class set
+(`geoseg prepare` builds); without it, points are labelled from their ASPRS classification."""
+
+
+def point_labels(points: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Class labels of points (LAS fields by name): the `label` dimension if the build wrote
+    one, else N3C's remapping of the ASPRS classification."""
+    if LABEL_DIM in points:
+        return np.asarray(points[LABEL_DIM], np.uint8)
+    return remap_asprs(np.asarray(points["classification"]))

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 from torchgeo.datasets import NonGeoDataset, RasterDataset
 
-from geoseg.classes import ClassSet
+from geoseg.classes import build_classes
 from geoseg.datasets.cache import TileCache, build_cache
 from geoseg.datasets.points import (
     PointConfig,
@@ -52,19 +52,10 @@ BAND_PRESETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _stats_file(root: Path) -> dict[str, Any]:
-    path = root / "stats.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def build_classes(root: str | Path) -> ClassSet:
-    """A build's class set (stats.json; N3C for builds that predate recorded class sets)."""
-    return ClassSet.from_stats(_stats_file(Path(root)))
-
-
 def build_band_layout(root: Path) -> dict[str, Any]:
     """A build's `stats.json` band entries (where each band lives), {} when it has none."""
-    return _stats_file(root).get("bands", {})
+    path = root / "stats.json"
+    return json.loads(path.read_text()).get("bands", {}) if path.is_file() else {}
 
 
 def _band_layer(band: str, stats: dict[str, Any] | None = None) -> tuple[str, int]:

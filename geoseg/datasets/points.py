@@ -24,7 +24,7 @@ import laspy
 import numpy as np
 from affine import Affine
 
-from geoseg.classes import CLASS_NAMES, NOISE_CODES, remap_asprs
+from geoseg.classes import N3C, NOISE_CODES, point_labels
 from geoseg.models.batch import point_pyramid, pyramid_levels
 
 POINT_FEATURES = ("intensity", "return_number")
@@ -34,10 +34,6 @@ default of `PointConfig.features`."""
 POINT_FIELDS = ("x", "y", "z", *POINT_FEATURES, "classification")
 """The LAS fields the pipeline always reads (plus every extra dimension the file has)."""
 
-LABEL_DIM = "label"
-"""Optional LAS extra dimension holding each point's class in the build's own class set
-(`geoseg prepare` builds); without it, points are labelled from their ASPRS classification."""
-
 
 def read_points(path: str | Path) -> dict[str, np.ndarray]:
     """A tile's `points.laz` as the `POINT_FIELDS` arrays and its extra dimensions (e.g.
@@ -45,14 +41,6 @@ def read_points(path: str | Path) -> dict[str, np.ndarray]:
     las = laspy.read(path)
     names = (*POINT_FIELDS, *las.point_format.extra_dimension_names)
     return {name: np.asarray(las[name]) for name in names}
-
-
-def point_labels(points: dict[str, np.ndarray]) -> np.ndarray:
-    """Class labels of points: the `label` dimension if the build wrote one, else N3C's
-    remapping of the ASPRS classification."""
-    if LABEL_DIM in points:
-        return np.asarray(points[LABEL_DIM], np.uint8)
-    return remap_asprs(np.asarray(points["classification"]))
 
 
 @dataclass(frozen=True)
@@ -278,7 +266,7 @@ def sample_points(
     view: View | None = None,
     neighbours: bool = True,
     score: bool = False,
-    num_classes: int = len(CLASS_NAMES),
+    num_classes: int = len(N3C),
 ) -> dict[str, np.ndarray | list[np.ndarray]]:
     """The per-sample part of the pipeline on `select_points`' output (see `prepare_points`);
     `num_classes`: the build's, for `label_counts`."""
@@ -314,7 +302,7 @@ def sample_points(
 def label_counts(
     points: dict[str, np.ndarray],
     idx: np.ndarray,
-    num_classes: int = len(CLASS_NAMES),
+    num_classes: int = len(N3C),
     labels: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per sampled point, the labels of the tile points it stands for: (len(idx), K) int32,

@@ -2,9 +2,10 @@
 
 `create_model(name, **kwargs)` builds any registered model, smp-style. Every model reads the
 same `Batch` (image + point pyramid, see `geoseg.models.batch`) and returns the same keys
-(`logits`, `point_logits`, `gates`; absent ones are None). Heads output `num_classes=5` scores
-whose indices are the label values of `geoseg.classes.CLASS_NAMES`; class 0 ("unlabeled") is
-never a target, losses and metrics ignore it.
+(`logits`, `point_logits`, `gates`; absent ones are None). Heads output `num_classes` scores
+whose indices are the label values of the build's class set (`geoseg.classes.ClassSet`; 5 for
+N3C, which `geoseg train` derives from the build); class 0 ("unlabeled") is never a target,
+losses and metrics ignore it.
 """
 
 from __future__ import annotations

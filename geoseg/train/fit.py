@@ -23,8 +23,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from geoseg.checkpoints import CONTRACT_KEY, CheckpointError, check_checkpoint_file
-from geoseg.classes import ClassSet
-from geoseg.datasets.n3c import N3CCalifornia, N3CDataModule, band_names, build_classes
+from geoseg.classes import ClassSet, build_classes
+from geoseg.datasets.n3c import N3CCalifornia, N3CDataModule, band_names
 from geoseg.datasets.splits import split_stats, split_tiles
 from geoseg.errors import first_line
 from geoseg.models import MODELS, uses_points

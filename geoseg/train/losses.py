@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from geoseg.classes import CLASS_NAMES, UNLABELED
+from geoseg.classes import N3C, UNLABELED
 from geoseg.models.batch import ModelOutput
 
 Detach = Literal["none", "point", "pixel"]
@@ -24,7 +24,7 @@ Detach = Literal["none", "point", "pixel"]
 
 def class_weights(
     counts: Mapping[str, int] | Sequence[int],
-    class_names: Sequence[str] = CLASS_NAMES,
+    class_names: Sequence[str] = N3C.names,
     offset: float = 0.02,
 ) -> Tensor:
     """Weights w_c = 1/(f_c + offset) indexed by label value; w_0 = 0 (unlabeled never counts).

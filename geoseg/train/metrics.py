@@ -1,6 +1,7 @@
-"""Confusion-matrix metrics over the real classes 1..4, as in the authors' `semseg_metric.py`.
+"""Confusion-matrix metrics over the real classes 1..K-1, as in the authors' `semseg_metric.py`.
 
-The matrix is indexed by label value, cm[target, predicted], K = len(CLASS_NAMES). Targets of
+The matrix is indexed by label value, cm[target, predicted], K = the build's class count (label
+0 included; `class_names` from the model contract; N3C's when not given). Targets of
 class 0 ("unlabeled") are dropped, so row 0 stays empty; a *prediction* of class 0 on a
 labelled sample is kept in column 0 and counts as a miss for the target class (it is never a
 hit for any class). `predict_labels` never predicts 0, so with it column 0 stays empty too.
@@ -22,7 +23,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from geoseg.classes import CLASS_NAMES, UNLABELED
+from geoseg.classes import N3C, UNLABELED
 
 
 def predict_labels(logits: Tensor, dim: int = 1) -> Tensor:
@@ -33,7 +34,7 @@ def predict_labels(logits: Tensor, dim: int = 1) -> Tensor:
 class ConfusionMatrix:
     """Accumulates cm[target, predicted] (int64, K×K) over pixels or points of many batches."""
 
-    def __init__(self, num_classes: int = len(CLASS_NAMES)) -> None:
+    def __init__(self, num_classes: int = len(N3C)) -> None:
         self.num_classes = num_classes
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
@@ -78,7 +79,7 @@ def _as_array(cm: ConfusionMatrix | Tensor | np.ndarray) -> np.ndarray:
 
 
 def metrics(
-    cm: ConfusionMatrix | Tensor | np.ndarray, class_names: Sequence[str] = CLASS_NAMES
+    cm: ConfusionMatrix | Tensor | np.ndarray, class_names: Sequence[str] = N3C.names
 ) -> dict[str, float]:
     """Per-class iou/<name>, f1/<name>, acc/<name> (classes 1..K-1) and miou, mf1, macc, oa, kappa.
 
@@ -109,7 +110,7 @@ def metrics(
 
 
 def majority_baseline(
-    cm: ConfusionMatrix | Tensor | np.ndarray, label: int, class_names: Sequence[str] = CLASS_NAMES
+    cm: ConfusionMatrix | Tensor | np.ndarray, label: int, class_names: Sequence[str] = N3C.names
 ) -> dict[str, float]:
     """`metrics` of a constant map predicting `label` on the targets of `cm`: the chance level
     to show beside a model's scores (label = the train split's most frequent class)."""
@@ -123,7 +124,7 @@ def save_confusion(
     cm: ConfusionMatrix | Tensor | np.ndarray,
     path_json: str | Path,
     path_png: str | Path,
-    class_names: Sequence[str] = CLASS_NAMES,
+    class_names: Sequence[str] = N3C.names,
 ) -> dict[str, float]:
     """Write the matrix with its metrics as JSON and a row-normalised heat map PNG; return them.
 
