@@ -23,7 +23,7 @@ from geoseg.builder.grid import TileSpec
 from geoseg.builder.rasterize import FLOAT_NODATA
 from geoseg.builder.tile import TileResult
 from geoseg.builder.writers import atomic_path
-from geoseg.classes import CLASS_COLORS, CLASS_DESCRIPTIONS, CLASS_NAMES
+from geoseg.classes import N3C
 from geoseg.regions import Region
 
 COLLECTION_ID = "n3c-california"
@@ -54,11 +54,11 @@ def _classes() -> list[Classification]:
     return [
         Classification.create(
             value=v,
-            description=CLASS_DESCRIPTIONS[v],
+            description=N3C.descriptions[v],
             name=name,
-            color_hint="{:02X}{:02X}{:02X}".format(*CLASS_COLORS[v][:3]),
+            color_hint="{:02X}{:02X}{:02X}".format(*N3C.colors[v][:3]),
         )
-        for v, name in enumerate(CLASS_NAMES)
+        for v, name in enumerate(N3C.names)
     ]
 
 
@@ -69,8 +69,8 @@ def tile_item(manifest: dict[str, Any], split: str) -> pystac.Item:
         "geoseg:lidar_project": manifest["inputs"]["lidar_project"],
         "geoseg:missing_bands": manifest["missing_bands"],
         # Class order, whatever the manifest's key order (tile.json is written sorted).
-        "geoseg:pixel_counts": {k: manifest["pixels"].get(k, 0) for k in CLASS_NAMES},
-        "geoseg:point_counts": {k: manifest["points"]["n3c"].get(k, 0) for k in CLASS_NAMES},
+        "geoseg:pixel_counts": {k: manifest["pixels"].get(k, 0) for k in N3C.names},
+        "geoseg:point_counts": {k: manifest["points"]["n3c"].get(k, 0) for k in N3C.names},
     }
     item = new_item(_tile_spec(manifest), manifest["datetime"], properties, COLLECTION_ID)
     RasterExtension.add_to(item)
@@ -221,7 +221,7 @@ def write_index(out: Path, done: list[TileResult], splits: dict[str, str]) -> No
     for r in done:
         m = r.manifest
         tile = _tile_spec(m)
-        labelled = sum(v for k, v in m["pixels"].items() if k != CLASS_NAMES[0]) or 1
+        labelled = sum(v for k, v in m["pixels"].items() if k != N3C.names[0]) or 1
         rows.append(
             {
                 "tile_id": tile.id,
@@ -238,8 +238,8 @@ def write_index(out: Path, done: list[TileResult], splits: dict[str, str]) -> No
                 "datetime": m["datetime"],
                 "lidar_project": m["inputs"]["lidar_project"],
                 "points": m["points"]["count"],
-                **{f"frac_{k}": m["pixels"].get(k, 0) / labelled for k in CLASS_NAMES[1:]},
-                "frac_unlabeled": m["pixels"].get(CLASS_NAMES[0], 0) / (tile.size * tile.size),
+                **{f"frac_{k}": m["pixels"].get(k, 0) / labelled for k in N3C.real},
+                "frac_unlabeled": m["pixels"].get(N3C.names[0], 0) / (tile.size * tile.size),
                 "path": f"tiles/{tile.id}",
                 "geometry": tile.footprint_lonlat(),
             }

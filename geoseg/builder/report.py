@@ -21,7 +21,7 @@ import numpy as np
 import geoseg
 from geoseg.builder.split import SPLITS
 from geoseg.builder.writers import write_bytes_atomic, write_json
-from geoseg.classes import CLASS_COLORS, CLASS_NAMES
+from geoseg.classes import N3C, UNLABELED_NAME
 
 STAT_BANDS = {
     "image": ("red", "green", "blue", "nir"),
@@ -56,8 +56,8 @@ def _sums(manifests: list[dict[str, Any]]) -> dict[str, Any]:
         pixels.update(m["pixels"])
         points.update(m["points"]["n3c"])
         asprs.update(m["points"]["asprs"])
-    out["pixels"] = {k: pixels.get(k, 0) for k in CLASS_NAMES}
-    out["points"] = {k: points.get(k, 0) for k in CLASS_NAMES}
+    out["pixels"] = {k: pixels.get(k, 0) for k in N3C.names}
+    out["points"] = {k: points.get(k, 0) for k in N3C.names}
     out["asprs"] = dict(sorted(asprs.items(), key=lambda kv: int(kv[0])))
     return out
 
@@ -69,8 +69,7 @@ def aggregate_stats(
     map, `splits` = the same statistics per split (train, val, test; an empty split has zero
     counts). Buffer tiles count only in the top level."""
     out = _sums(manifests)
-    out["class_names"] = list(CLASS_NAMES)
-    out["class_colors"] = {CLASS_NAMES[k]: list(v) for k, v in CLASS_COLORS.items()}
+    out |= N3C.stats_keys()
     if splits is not None:
         out["splits"] = {
             name: _sums([m for m in manifests if splits.get(m["tile_id"]) == name])
@@ -138,7 +137,7 @@ def _markdown(report: dict[str, Any], stats: dict[str, Any]) -> str:
         "| class | pixels | points |",
         "|---|---:|---:|",
     ]
-    lines += [f"| {c} | {stats['pixels'][c]:,} | {stats['points'][c]:,} |" for c in CLASS_NAMES]
+    lines += [f"| {c} | {stats['pixels'][c]:,} | {stats['points'][c]:,} |" for c in N3C.names]
     lines += ["", "| band | mean | std |", "|---|---:|---:|"]
     lines += [f"| {b} | {v['mean']:.3f} | {v['std']:.3f} |" for b, v in stats["bands"].items()]
     if report["failed"]:
@@ -154,7 +153,8 @@ def _markdown(report: dict[str, Any], stats: dict[str, Any]) -> str:
 
 
 def write_preview(out: Path, manifests: list[dict[str, Any]], n: int = 4) -> None:
-    """A PNG of image / label / DSM for up to `n` tiles showing the most classes."""
+    """A PNG of image / label / DSM for up to `n` tiles showing the most classes, in the
+    build's palette (read from the stats.json already written). Shared with `geoseg prepare`."""
     from geoseg.plot import plot_tiles  # matplotlib: only when a preview is drawn
 
     if not manifests:
@@ -170,6 +170,8 @@ def write_preview(out: Path, manifests: list[dict[str, Any]], n: int = 4) -> Non
 
 
 def _variety(manifest: dict[str, Any]) -> tuple[int, int]:
-    """Rank tiles for the preview: more classes present first, then fewer unlabeled pixels."""
+    """Rank tiles for the preview: more classes present first, then fewer unlabeled pixels
+    (any class set: `pixels` maps class names, "unlabeled" included, to counts)."""
     px = manifest["pixels"]
-    return (sum(1 for k in CLASS_NAMES[1:] if px.get(k, 0) > 0), -px.get(CLASS_NAMES[0], 0))
+    present = sum(1 for k, n in px.items() if k != UNLABELED_NAME and n > 0)
+    return present, -px.get(UNLABELED_NAME, 0)

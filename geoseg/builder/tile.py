@@ -34,7 +34,7 @@ from geoseg.builder.writers import (
     write_json,
     write_laz,
 )
-from geoseg.classes import ASPRS_TO_N3C, CLASS_COLORS, CLASS_NAMES, remap_asprs
+from geoseg.classes import ASPRS_TO_N3C, N3C, remap_asprs
 from geoseg.stac.items import ImageryItem, PointCloudItem
 from geoseg.stac.signing import Signer
 
@@ -154,7 +154,7 @@ def _build(job: TileJob, folder: Path) -> tuple[str, str, dict[str, Any]]:
     label = rasters.label.copy()
     label[~image.valid] = 0  # a label without imagery under it cannot be learned from
     scene = next(i for i in job.imagery if i.id == image.items[0])
-    class_tags = {"CLASS_NAMES": ",".join(CLASS_NAMES)}
+    class_tags = {"CLASS_NAMES": ",".join(N3C.names)}
     write_cog(
         folder / "image.tif",
         image.data,
@@ -170,7 +170,7 @@ def _build(job: TileJob, folder: Path) -> tuple[str, str, dict[str, Any]]:
         tile,
         nodata=0,
         descriptions=["label"],
-        colormap=CLASS_COLORS,
+        colormap=N3C.colormap(),
         tags=class_tags,
     )
     write_cog(folder / "dsm.tif", rasters.dsm, tile, nodata=FLOAT_NODATA, descriptions=["dsm_m"])
@@ -192,7 +192,7 @@ def _build(job: TileJob, folder: Path) -> tuple[str, str, dict[str, Any]]:
 
     cls = points.arrays["classification"]
     asprs_codes, asprs_counts = np.unique(cls, return_counts=True)
-    n3c_points = np.bincount(remap_asprs(cls), minlength=len(CLASS_NAMES))
+    n3c_points = np.bincount(remap_asprs(cls), minlength=len(N3C))
     dsm_valid = rasters.dsm != FLOAT_NODATA
     manifest = {
         "tile_id": tile.id,
@@ -216,12 +216,12 @@ def _build(job: TileJob, folder: Path) -> tuple[str, str, dict[str, Any]]:
         "coverage": {"imagery": img_cov, "lidar": lidar_cov},
         "points": {
             "count": len(points),
-            "n3c": {CLASS_NAMES[k]: int(v) for k, v in enumerate(n3c_points)},
+            "n3c": {N3C.names[k]: int(v) for k, v in enumerate(n3c_points)},
             "asprs": {str(int(c)): int(n) for c, n in zip(asprs_codes, asprs_counts, strict=True)},
         },
         "pixels": {
-            CLASS_NAMES[k]: int(v)
-            for k, v in enumerate(np.bincount(label.ravel(), minlength=len(CLASS_NAMES)))
+            N3C.names[k]: int(v)
+            for k, v in enumerate(np.bincount(label.ravel(), minlength=len(N3C)))
         },
         "stats": {
             "image": _band_stats(
