@@ -1,7 +1,8 @@
 """Figures of geoseg data: tiles (RGB, DSM, labels, points), the tile grid, training curves.
 
 One module draws tiles so the build preview, the notebooks and search thumbnails look alike: the
-same contrast stretch and the class palette of `geoseg.classes`. Everything draws on a bare
+same contrast stretch and the class palette of the build's class set (`geoseg.classes`: N3C for
+`build-dataset` builds, the benchmark's for `geoseg prepare` builds). Everything draws on a bare
 `Figure` or on an `Axes` the caller passes: no pyplot state and no backend switch, so the same
 calls work headless (build reports, CI) and inline in Jupyter.
 """
@@ -26,7 +27,7 @@ from matplotlib.ticker import MaxNLocator
 
 from geoseg.builder.plan import PlannedTile
 from geoseg.builder.writers import safe_join
-from geoseg.classes import CLASS_COLORS, CLASS_NAMES, NOISE_CODES, remap_asprs
+from geoseg.classes import N3C, NOISE_CODES, ClassSet, build_classes, point_labels
 
 __all__ = [
     "PANELS",
@@ -55,33 +56,35 @@ PANELS = {
 }
 """Panel names `plot_tiles` understands, with their column titles."""
 
+LEGEND_ENTRY_INCHES = 1.8
+"""Width of one legend entry (patch and a class name like `non_residential_buildings`): a
+figure's legend has as many columns as fit, so DFC2018's 21 classes wrap onto more lines."""
 
-def _palette() -> np.ndarray:
-    """(K, 4) RGBA floats of the classes, as `geoseg.classes.CLASS_COLORS` defines them."""
-    return np.array([CLASS_COLORS[k] for k in range(len(CLASS_NAMES))], float) / 255
+
+def _palette(classes: ClassSet) -> np.ndarray:
+    """(K, 4) RGBA floats of the class set's colours."""
+    return np.array(classes.colors, float) / 255
 
 
-def class_colormap(overlay_alpha: float | None = None) -> ListedColormap:
+def class_colormap(overlay_alpha: float | None = None, classes: ClassSet = N3C) -> ListedColormap:
     """The class palette as a colormap for label rasters (values 0..K-1, `vmin=0`, `vmax=K-1`).
 
     Opaque by default (unlabeled black). With `overlay_alpha` the classes get that opacity and
     unlabeled becomes fully transparent, so an overlay never hides the image where there is no
     label.
     """
-    colors = _palette()
+    colors = _palette(classes)
     colors[:, 3] = 1.0 if overlay_alpha is None else overlay_alpha
     if overlay_alpha is not None:
         colors[0, 3] = 0.0
     return ListedColormap(colors, name="geoseg-classes")
 
 
-def class_legend_handles(with_unlabeled: bool = True) -> list[Patch]:
+def class_legend_handles(with_unlabeled: bool = True, classes: ClassSet = N3C) -> list[Patch]:
     """Legend patches in the class palette, for `fig.legend(handles=...)`."""
     first = 0 if with_unlabeled else 1
-    colors = _palette()
-    return [
-        Patch(color=colors[k, :3], label=CLASS_NAMES[k]) for k in range(first, len(CLASS_NAMES))
-    ]
+    colors = _palette(classes)
+    return [Patch(color=colors[k, :3], label=classes.names[k]) for k in range(first, len(classes))]
 
 
 def stretch(
@@ -115,15 +118,26 @@ class TileLayers:
     image: np.ndarray
     """(4, H, W) uint8 R, G, B, NIR; 0 = nodata."""
     label: np.ndarray
-    """(H, W) uint8 class index (`geoseg.classes.CLASS_NAMES`)."""
+    """(H, W) uint8 class index (label value of `classes`)."""
     dsm: np.ma.MaskedArray
     """(H, W) float32 surface height in metres, masked where no point fell."""
     xyz: np.ndarray
     """(N, 3) float64 point coordinates in the tile CRS, noise dropped (empty when not read)."""
     point_classes: np.ndarray
-    """(N,) uint8 point class index, same scheme as `label` (ASPRS codes remapped)."""
+    """(N,) uint8 point class index, same scheme as `label` (`geoseg.classes.point_labels`)."""
     bounds: tuple[float, float, float, float]
     """(xmin, ymin, xmax, ymax) of the tile in its CRS: the frame for the points."""
+    classes: ClassSet = N3C
+    """The build's class set: names and palette of `label` and `point_classes`."""
+    missing_bands: tuple[str, ...] = ()
+    """Bands of `image` its source lacked (0 there), e.g. Vaihingen's blue."""
+
+    def display(self) -> tuple[np.ndarray, str]:
+        """(3, H, W) bands to draw and their name: RGB, or IR-R-G false colour when the source
+        had no blue but NIR (how ISPRS Vaihingen is always shown)."""
+        if "blue" in self.missing_bands and "nir" not in self.missing_bands:
+            return self.image[[3, 0, 1]], "IRRG"
+        return self.image[:3], "RGB"
 
 
 def read_tile(build: str | Path, tile_id: str, points: bool = True) -> TileLayers:
@@ -131,6 +145,7 @@ def read_tile(build: str | Path, tile_id: str, points: bool = True) -> TileLayer
     folder = safe_join(Path(build), "tiles", tile_id)
     with rasterio.open(folder / "image.tif") as src:
         image = src.read()
+        missing = tuple(b for b in src.tags().get("MISSING_BANDS", "").split(",") if b)
     with rasterio.open(folder / "label.tif") as src:
         label = src.read(1)
         bounds = tuple(src.bounds)
@@ -139,11 +154,12 @@ def read_tile(build: str | Path, tile_id: str, points: bool = True) -> TileLayer
     xyz, classes = np.zeros((0, 3)), np.zeros(0, np.uint8)
     if points:
         las = laspy.read(folder / "points.laz")
-        asprs = np.asarray(las.classification)
-        keep = ~np.isin(asprs, list(NOISE_CODES))  # noise never labels anything (as in training)
+        keep = ~np.isin(np.asarray(las.classification), list(NOISE_CODES))  # as in training
         xyz = np.column_stack([las.x, las.y, las.z])[keep].astype(np.float64)
-        classes = remap_asprs(asprs[keep])
-    return TileLayers(tile_id, image, label, dsm, xyz, classes, bounds)
+        classes = point_labels(las)[keep]
+    return TileLayers(
+        tile_id, image, label, dsm, xyz, classes, bounds, build_classes(build), missing
+    )
 
 
 def _bare(ax: Axes, title: str | None = None) -> None:
@@ -162,15 +178,19 @@ def show_rgb(
 
 
 def show_labels(
-    ax: Axes, label: np.ndarray, image: np.ndarray | None = None, alpha: float = 0.5
+    ax: Axes,
+    label: np.ndarray,
+    image: np.ndarray | None = None,
+    alpha: float = 0.5,
+    classes: ClassSet = N3C,
 ) -> AxesImage:
-    """Draw a class raster in the palette; over `image` (stretched RGB) when given."""
+    """Draw a class raster in the class set's palette; over `image` (stretched RGB) if given."""
     if image is None:
-        cmap = class_colormap()
+        cmap = class_colormap(classes=classes)
     else:
         show_rgb(ax, image)
-        cmap = class_colormap(overlay_alpha=alpha)
-    return ax.imshow(label, cmap=cmap, vmin=0, vmax=len(CLASS_NAMES) - 1, interpolation="nearest")
+        cmap = class_colormap(overlay_alpha=alpha, classes=classes)
+    return ax.imshow(label, cmap=cmap, vmin=0, vmax=len(classes) - 1, interpolation="nearest")
 
 
 def show_dsm(ax: Axes, dsm: np.ndarray, cmap: str = "viridis") -> AxesImage:
@@ -185,6 +205,7 @@ def show_points(
     view: str = "top",
     size: float = 1.0,
     bounds: tuple[float, float, float, float] | None = None,
+    palette: ClassSet = N3C,
 ) -> None:
     """Scatter points coloured by class: `top` (x/y, highest drawn last) or `side` (x/z).
 
@@ -194,7 +215,7 @@ def show_points(
         raise ValueError(f"view must be 'top' or 'side', got {view!r}")
     order = np.argsort(xyz[:, 2]) if view == "top" else np.arange(len(xyz))
     x, y = xyz[order, 0], xyz[order, 1 if view == "top" else 2]
-    colors = _palette()
+    colors = _palette(palette)
     colors[0] = (0.5, 0.5, 0.5, 1.0)  # unlabeled points: grey, visible on white
     ax.scatter(x, y, c=colors[np.asarray(classes)[order]], s=size, linewidths=0)
     ax.set_aspect("equal" if view == "top" else "auto")
@@ -210,31 +231,38 @@ def plot_tiles(
     panels: Sequence[str] = ("rgb", "overlay", "dsm", "points"),
     panel_size: float = 3.0,
 ) -> Figure:
-    """One row per tile, one column per panel (see `PANELS`), class legend at the bottom."""
+    """One row per tile, one column per panel (see `PANELS`), the build's class legend below."""
     unknown = [p for p in panels if p not in PANELS]
     if unknown or not tile_ids:
         raise ValueError(f"need tile ids and panels from {list(PANELS)}; got {list(panels)}")
-    fig = Figure(figsize=(panel_size * len(panels), panel_size * len(tile_ids) + 0.4))
+    classes = build_classes(build)
+    width = panel_size * len(panels)
+    columns = max(1, min(len(classes), int(width / LEGEND_ENTRY_INCHES)))
+    legend = 0.15 + 0.25 * -(-len(classes) // columns)  # inches: one line per row of entries
+    fig = Figure(figsize=(width, panel_size * len(tile_ids) + legend))
     axes = fig.subplots(len(tile_ids), len(panels), squeeze=False)
     for row, tid in zip(axes, tile_ids, strict=True):
         tile = read_tile(build, tid, points="points" in panels)
+        shown, kind = tile.display()
         for ax, panel in zip(row, panels, strict=True):
+            title = PANELS[panel]
             if panel == "rgb":
-                show_rgb(ax, tile.image)
+                show_rgb(ax, shown)
+                title = f"image ({kind})"
             elif panel == "label":
-                show_labels(ax, tile.label)
+                show_labels(ax, tile.label, classes=tile.classes)
             elif panel == "overlay":
-                show_labels(ax, tile.label, tile.image)
+                show_labels(ax, tile.label, shown, classes=tile.classes)
             elif panel == "dsm":
                 fig.colorbar(show_dsm(ax, tile.dsm), ax=ax, fraction=0.046, pad=0.02)
             else:
-                show_points(ax, tile.xyz, tile.point_classes, bounds=tile.bounds)
-            _bare(ax, PANELS[panel])
+                show_points(ax, tile.xyz, tile.point_classes, bounds=tile.bounds,
+                            palette=tile.classes)  # fmt: skip
+            _bare(ax, title)
         row[0].set_ylabel(tid, fontsize=7)
-    fig.legend(
-        handles=class_legend_handles(), loc="lower center", ncol=len(CLASS_NAMES), fontsize=8
-    )
-    fig.tight_layout(rect=(0, 0.4 / fig.get_figheight(), 1, 1))
+    handles = class_legend_handles(classes=classes)
+    fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8)
+    fig.tight_layout(rect=(0, legend / fig.get_figheight(), 1, 1))
     return fig
 
 
@@ -255,7 +283,7 @@ def plot_thumbnails(
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, tid, label in zip(axes.flat, tile_ids, labels, strict=False):
-        show_rgb(ax, read_tile(build, tid, points=False).image)
+        show_rgb(ax, read_tile(build, tid, points=False).display()[0])
         ax.set_title(label, fontsize=7)
     fig.tight_layout()
     return fig

@@ -153,6 +153,23 @@ def test_vaihingen_class_set_and_band_layout_in_stats(vaihingen_build: Path):
     assert collection["id"] == "isprs-vaihingen"
 
 
+def test_previews_use_the_build_palette(vaihingen_build: Path, dfc_build: Path):
+    """The preview (and any plot_tiles figure) shows the build's classes, IR-R-G for Vaihingen."""
+    from geoseg.plot import plot_tiles
+
+    for build, classes in ((vaihingen_build, VAIHINGEN), (dfc_build, DFC2018)):
+        assert (build / "preview.png").stat().st_size > 0
+        assert "preview" in json.loads((build / "collection.json").read_text())["assets"]
+        tile = index(build)["tile_id"].iloc[0]
+        fig = plot_tiles(build, [tile], panels=("rgb", "label"))
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert legend == list(classes.names)
+        kind = "IRRG" if classes is VAIHINGEN else "RGB"
+        assert fig.axes[0].get_title() == f"image ({kind})"
+        label = fig.axes[1].images[0]
+        assert label.cmap(label.norm(2))[:3] == pytest.approx(np.array(classes.colors[2][:3]) / 255)
+
+
 def test_vaihingen_points_carry_their_pixel_label(vaihingen_build: Path):
     folder = vaihingen_build / "tiles" / "vaihingen_area11_c001_r001"
     las = laspy.read(folder / "points.laz")
@@ -203,6 +220,9 @@ def test_vaihingen_train_evaluate(vaihingen_build: Path, tmp_path: Path):
     assert contract["class_names"] == list(VAIHINGEN.names)
     assert contract["class_colors"][2] == [0, 0, 255, 255]
     assert contract["model_kwargs"]["num_classes"] == 7
+    card = json.loads((run / "model_card.json").read_text())
+    assert [c["name"] for c in card["classes"]] == list(VAIHINGEN.names)
+    assert any("isprs-2d-labelling benchmark's reference" in line for line in card["limits"])
     res = cli("evaluate", "--checkpoint", run / "checkpoints" / "last.ckpt", "--data",
               vaihingen_build, "--out", tmp_path / "eval", "--device", "cpu")  # fmt: skip
     assert res.exit_code == 0, res.output

@@ -22,6 +22,7 @@ from pystac.extensions.file import FileExtension
 
 import geoseg
 from geoseg.builder.catalog import COG, LAZ, add_file_info, new_item, save_collection
+from geoseg.builder.report import write_preview
 from geoseg.builder.split import SPLITS
 from geoseg.builder.writers import atomic_path, write_bytes_atomic, write_json
 from geoseg.classes import ClassSet
@@ -183,7 +184,8 @@ def write_collection(
     collection.add_link(pystac.Link("about", info.url, title=f"{info.title} (release, licence)"))
     protocol = ("protocol", "./protocol.json", pystac.MediaType.JSON, "the benchmark's evaluation")
     report = ("report", "./report.json", pystac.MediaType.JSON, "prepare report")
-    save_collection(out, collection, items, _classification(classes), [protocol, report])
+    preview = ("preview", "./preview.png", pystac.MediaType.PNG, "image / label / DSM preview")
+    save_collection(out, collection, items, _classification(classes), [protocol, report, preview])
 
 
 def write_outputs(
@@ -203,6 +205,7 @@ def write_outputs(
     write_index(out, manifests, classes)
     write_collection(out, manifests, info, classes)
     write_json(out / "protocol.json", info.protocol)
+    write_preview(out, manifests)
     report = {
         "geoseg_version": geoseg.__version__,
         "dataset": info.id,

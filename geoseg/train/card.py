@@ -83,6 +83,23 @@ def build_info(data: Path) -> dict[str, Any]:
     return info
 
 
+def label_source(data: Path) -> str:
+    """Where the build's labels come from: a benchmark's reference (`geoseg prepare` builds
+    name it in protocol.json) or, for `build-dataset` builds, the LiDAR's own classification."""
+    protocol = data / "protocol.json"
+    if protocol.is_file():
+        spec = json.loads(protocol.read_text())
+        return (
+            f"Labels are the {spec['name']} benchmark's reference ({spec.get('reference', '')}); "
+            "scores are comparable with the benchmark's only on its test split and protocol."
+        )
+    return (
+        "Labels are LiDAR ASPRS classes rasterised per pixel, not a land-cover survey: they "
+        "inherit the classification's errors, and pixels without a LiDAR point are unlabeled "
+        "and unscored."
+    )
+
+
 def new_card(
     contract: dict[str, Any],
     data: Path,
@@ -100,9 +117,7 @@ def new_card(
         f"Trained on {tile_counts.get('train', 0)} tiles at {contract['gsd']} m "
         f"({', '.join(contract['bands'])}); other pixel sizes, bands or sensors are outside "
         "what it has seen.",
-        "Labels are LiDAR ASPRS classes rasterised per pixel, not a land-cover survey: they "
-        "inherit the classification's errors, and pixels without a LiDAR point are unlabeled "
-        "and unscored.",
+        label_source(data),
     ]
     if absent:
         derived.append(f"No training pixels of: {', '.join(absent)}; it cannot have learnt them.")

@@ -120,8 +120,8 @@ class CardConfig:
     (data, splits, classes absent from training, metrics)."""
 
     intended_use: str = (
-        "Land-cover segmentation (others, ground, tree, building) of aerial tiles like those of "
-        "its training build: same bands, pixel size and kind of LiDAR."
+        "Land-cover segmentation into its classes of aerial tiles like those of its training "
+        "build: same bands, pixel size and kind of LiDAR."
     )
     limits: list[str] = field(default_factory=list)
 
