@@ -298,6 +298,12 @@ def test_dfc2018_train_evaluate_with_point_features_and_hsi(dfc_build: Path, tmp
     assert res.exit_code == 0, res.output
     protocol = json.loads((tmp_path / "eval" / "metrics.json").read_text())["protocol"]
     assert protocol["name"] == "dfc2018" and {"oa", "aa", "kappa"} <= set(protocol)
+    # A scene's LiDAR file has no intensity_c1..3: predict says so instead of failing inside.
+    folder = dfc_build / "tiles" / "dfc2018_te_c000_r000"
+    res = cli("predict", "--checkpoint", run / "checkpoints" / "last.ckpt", "--image",
+              folder / "image.tif", "--points", folder / "points.laz", "--out",
+              tmp_path / "pred.tif", "--device", "cpu")  # fmt: skip
+    assert "intensity_c1" in one_line_error(res)
 
 
 def test_dfc2018_without_test_labels(dfc_src: Path, tmp_path: Path):

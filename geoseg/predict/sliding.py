@@ -46,6 +46,7 @@ from rasterio.windows import transform as window_transform
 from shapely.geometry import shape
 from torch import nn
 
+from geoseg.builder.points import FIELDS as SCENE_POINT_FIELDS
 from geoseg.builder.writers import atomic_path, write_json
 from geoseg.datasets.n3c import collate
 from geoseg.datasets.points import PointConfig
@@ -221,6 +222,12 @@ def predict(
         )
     if sources and not needs_points(contract):
         raise PredictError(f"model {contract['model']!r} reads no LiDAR; drop the points")
+    derived = [f for f in contract["points"].get("features", ()) if f not in SCENE_POINT_FIELDS]
+    if sources and uses_points(contract["model"], contract["model_kwargs"]) and derived:
+        raise PredictError(
+            f"the model's point features {derived} were derived when its build was prepared "
+            f"(docs/datasets.md); a scene's LiDAR files give only {list(SCENE_POINT_FIELDS)}"
+        )
     model.to(run_on)
     size = int(contract["tile_size"])
     stride = max(1, round(size * (1.0 - overlap)))
