@@ -1,25 +1,26 @@
-"""Captions, evaluation queries and graded relevance, all derived from a tile's labels and stats.
+"""Training captions and graded relevance, derived from a tile's labels and statistics.
 
-Nobody has captioned NAIP tiles for us, but each tile knows its LiDAR classes, heights, NDVI and
-terrain (`retrieval.data.TileInfo`). Those facts are first put into a few discrete categories
-(`facts`); captions and queries are phrasings of the categories, and relevance compares the
+Nobody has captioned NAIP tiles for us, but each tile knows its LiDAR classes, heights, NDVI,
+terrain, colour and the shape of its tree and building masks (`retrieval.data.TileInfo`). Those
+facts are first put into a few discrete categories (`facts`); a caption is a random phrasing of
+the categories (grammar in docs/retrieval.md, "Captions"), and `relevance` compares the
 categories, so a caption never claims what the relevance grade would not reward.
 
-Training captions (`captions`) and held-out queries (`query_for`) use different templates and
-partly different words, so evaluation measures whether the embedder learnt the facts, not the
-sentences:
+The words live in a `Vocabulary`, one per class set: `N3C` is the instance for the N3C labels
+(others / ground / tree / building), refined by the raw ASPRS codes the labels fold together
+(water 9 and bridge deck 17 are `others`, like low vegetation 3; road surface 11 is unlabelled)
+so water and bridges are named as what they are. Another class set brings its own Vocabulary.
+
+Evaluation never uses this module's words: its queries are a separate file written by hand
+(`retrieval/queries/`), graded by their own label rules (`retrieval.queries`).
 
 >>> captions(tile, np.random.default_rng(0), n=2)   # a Sierra Nevada tile of the sample
-['Aerial view of a lot of towering forest with a lot of bare ground.',
- 'An orthophoto tile showing a large share of woodland up to about 31 m tall with a large share
- of bare soil.']
->>> query_for(tile, np.random.default_rng(1))
-'places with tall forest and lots of open land on flat terrain'
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,196 +48,323 @@ PRESENT = 0.1
 class Facts:
     """Discrete description of a tile: what captions say and relevance compares."""
 
-    shares: dict[str, str]  # class -> SHARE_LEVELS key, classes ordered by share (desc)
+    shares: dict[str, str]  # kind -> SHARE_LEVELS key, kinds ordered by share (desc)
     heights: dict[str, str]  # tree/building -> HEIGHT_LEVELS key, where present and known
     height_m: dict[str, float]
     vigour: str | None  # sparse / moderate / lush (NDVI), None without NIR
     terrain: str | None  # flat / gentle / steep (mean ground slope), None without ground
+    layout: tuple[str, ...] = ()  # tree_line / scattered_trees / forest_gaps / buildings_in_trees
+    colour: tuple[str, ...] = ()  # green / brown / grey / dark / bright
+    texture: str | None = None  # smooth / coarse
+
+
+def kind_shares(tile: TileInfo) -> dict[str, float]:
+    """Labelled-pixel shares of the surface kinds captions name: the N3C classes with `others`
+    split into low vegetation / water / bridge by its ASPRS point shares, and road surface
+    (ASPRS 11, outside the N3C labels) by its share of the points."""
+    shares = {c: tile.class_fractions.get(c, 0.0) for c in CLASSES}
+    others = shares.pop("others", 0.0)
+    water = tile.stats.get("others_water") or 0.0
+    bridge = tile.stats.get("others_bridge") or 0.0
+    shares["low_vegetation"] = others * max(0.0, 1.0 - water - bridge)
+    shares["water"] = others * water
+    shares["bridge"] = others * bridge
+    shares["road"] = tile.stats.get("road_points") or 0.0
+    return shares
 
 
 def facts(tile: TileInfo) -> Facts:
     """The categories of one tile (see the module docstring)."""
-    ordered = sorted(CLASSES, key=lambda c: -tile.class_fractions.get(c, 0.0))
+    shares_f = kind_shares(tile)
     shares = {}
-    for c in ordered:
-        level = _level(tile.class_fractions.get(c, 0.0), SHARE_LEVELS)
+    for kind in sorted(shares_f, key=lambda k: -shares_f[k]):
+        level = _level(shares_f[kind], SHARE_LEVELS)
         if level is not None:
-            shares[c] = level
+            shares[kind] = level
     heights, height_m = {}, {}
     for c, levels in HEIGHT_LEVELS.items():
         h = tile.stats.get(f"{c}_height_p95")
         if h is not None and tile.class_fractions.get(c, 0.0) >= PRESENT:
             heights[c] = _level(h, levels)
             height_m[c] = h
-    ndvi, slope = tile.stats.get("ndvi_mean"), tile.stats.get("slope_deg")
+    s = tile.stats
+    ndvi, slope = s.get("ndvi_mean"), s.get("slope_deg")
     vigour = (
+        None if ndvi is None else _level(ndvi, (("lush", 0.35), ("moderate", 0.15), ("sparse", -9)))
+    )
+    terrain = None if slope is None else _level(slope, (("steep", 10), ("gentle", 4), ("flat", -1)))
+    return Facts(
+        shares,
+        heights,
+        height_m,
+        vigour,
+        terrain,
+        _layout(shares_f, s),
+        _colours(s),
         None
-        if ndvi is None
-        else "lush"
-        if ndvi >= 0.35
-        else "moderate"
-        if ndvi >= 0.15
-        else "sparse"
+        if s.get("texture") is None
+        else _level(s["texture"], (("coarse", 10), ("smooth", -1))),
     )
-    terrain = (
-        None if slope is None else "steep" if slope >= 10 else "gentle" if slope >= 4 else "flat"
-    )
-    return Facts(shares, heights, height_m, vigour, terrain)
+
+
+def _layout(shares: Mapping[str, float], s: Mapping[str, float | None]) -> tuple[str, ...]:
+    tree, building = shares.get("tree", 0.0), shares.get("building", 0.0)
+    open_land = shares.get("ground", 0.0) + shares.get("low_vegetation", 0.0)
+    out = []
+    if 0.02 <= tree < 0.4 and open_land >= 0.5 and (s.get("tree_elongation") or 0) >= 2.5:
+        out.append("tree_line")
+    if 0.02 <= tree < 0.3 and (s.get("tree_patches") or 0) >= 4:
+        out.append("scattered_trees")
+    if tree >= 0.5 and open_land >= 0.15:
+        out.append("forest_gaps")
+    if building >= 0.02 and (s.get("building_tree_contact") or 0) >= 0.3:
+        out.append("buildings_in_trees")
+    if shares.get("bridge", 0.0) >= 0.01 and shares.get("water", 0.0) >= 0.01:
+        out.append("bridge_over_water")
+    return tuple(out)
+
+
+def _colours(s: Mapping[str, float | None]) -> tuple[str, ...]:
+    """Colour words from the RGB chromaticity and brightness (thresholds in docs/retrieval.md)."""
+    if s.get("brightness") is None:
+        return ()
+    out = []
+    if (s.get("green_share") or 0) >= 0.355 and (s.get("green_share") or 0) > (
+        s.get("red_share") or 0
+    ):
+        out.append("green")
+    elif (s.get("red_share") or 0) >= 0.35:
+        out.append("brown")
+    elif (
+        max(abs((s.get(k) or 0) - 1 / 3) for k in ("red_share", "green_share", "blue_share")) < 0.01
+    ):
+        out.append("grey")
+    b = s["brightness"]
+    if b < 0.3:
+        out.append("dark")
+    elif b >= 0.55:
+        out.append("bright")
+    return tuple(out)
 
 
 def _level(value: float, levels: tuple[tuple[str, float], ...]) -> str | None:
     return next((name for name, bound in levels if value >= bound), None)
 
 
-# --- training captions -------------------------------------------------------------------------
+# --- the grammar ------------------------------------------------------------------------------
 
-CAPTION_WORDS = {
-    "building": ("buildings", "houses", "rooftops", "built structures"),
-    "tree": ("trees", "tree canopy", "woodland", "forest"),
-    "ground": ("bare ground", "open ground", "bare soil", "cleared land"),
-    "others": ("low vegetation", "grass and shrubs", "low plants", "scrub"),
-}
-CAPTION_SHARES = {
-    "most": ("mostly {w}", "dominated by {w}", "{w} covering most of the tile"),
-    "much": ("a lot of {w}", "a large share of {w}", "plenty of {w}"),
-    "some": ("some {w}", "patches of {w}", "a moderate amount of {w}"),
-    "few": ("scattered {w}", "a few patches of {w}", "a sprinkling of {w}"),
-}
-CAPTION_HEIGHTS = {
-    "tree": {
-        "tall": ("tall", "towering"),
-        "mid": ("mature", "mid-height"),
-        "short": ("short", "young"),
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The words of one class set: synonyms per surface kind and per fact category, clauses
+    for layout, colour and texture, and sentence frames. Every tuple is a synonym set; a
+    caption draws one member of each set it uses."""
+
+    kinds: dict[str, tuple[str, ...]]
+    large: dict[str, tuple[str, ...]]
+    """Extra words for a kind that covers much or most of a tile ("forest" is not 5 % trees)."""
+    shares: dict[str, tuple[str, ...]]
+    heights: dict[str, dict[str, tuple[str, ...]]]
+    vigour: dict[str, tuple[str, ...]]
+    terrain: dict[str, tuple[str, ...]]
+    layout: dict[str, tuple[str, ...]]
+    colour: dict[str, tuple[str, ...]]
+    texture: dict[str, tuple[str, ...]]
+    frames: tuple[str, ...]
+    empty: str = "an area without labelled land cover"
+    joins: tuple[str, ...] = field(default=(" with ", " and ", ", plus "))
+
+
+N3C = Vocabulary(
+    kinds={
+        "building": ("buildings", "houses", "rooftops", "built structures", "homes", "sheds"),
+        "tree": ("trees", "canopy", "tree crowns", "treetops"),
+        "ground": ("open ground", "bare ground", "open land", "ground"),
+        "ground_bare": ("bare soil", "bare earth", "bare ground", "dirt", "cleared land"),
+        "ground_green": ("grass field", "green field", "meadow", "pasture", "farmland"),
+        "low_vegetation": ("low vegetation", "grass and shrubs", "low plants", "scrub", "brush"),
+        "water": ("water", "open water", "a water surface", "a pond or river"),
+        "bridge": ("a bridge deck", "a bridge", "an overpass"),
+        "road": ("road surface", "a paved road", "asphalt road"),
     },
-    "building": {
-        "tall": ("tall", "high-rise"),
-        "mid": ("multi-storey", "mid-rise"),
-        "low": ("low", "single-storey"),
+    large={"tree": ("forest", "woodland", "woods", "wooded area")},
+    shares={
+        "most": (
+            "mostly {w}",
+            "{w} filling the frame",
+            "{w} covering most of the tile",
+            "nearly all {w}",
+        ),
+        "much": ("a lot of {w}", "a large share of {w}", "plenty of {w}", "extensive {w}"),
+        "some": ("some {w}", "patches of {w}", "a moderate amount of {w}", "a few areas of {w}"),
+        "few": (
+            "scattered {w}",
+            "a few patches of {w}",
+            "a sprinkling of {w}",
+            "small bits of {w}",
+        ),
     },
-}
-CAPTION_VIGOUR = {
-    "lush": ("lush, vigorous vegetation", "very green"),
-    "moderate": ("moderately green", "some healthy vegetation"),
-    "sparse": ("little green vegetation", "dry, sparse greenery"),
-}
-CAPTION_TERRAIN = {
-    "flat": ("on flat terrain", "on level ground"),
-    "gentle": ("on gently sloping terrain", "on rolling terrain"),
-    "steep": ("on steep terrain", "on a steep slope"),
-}
-CAPTION_FRAMES = (
-    "Aerial view of {body}{terrain}{vigour}.",
-    "{Body}{terrain}{vigour}.",
-    "An orthophoto tile showing {body}{terrain}{vigour}.",
-    "Top-down image: {body}{terrain}{vigour}.",
+    heights={
+        "tree": {
+            "tall": ("tall", "towering", "mature tall"),
+            "mid": ("mature", "mid-height", "medium"),
+            "short": ("short", "young", "small"),
+        },
+        "building": {
+            "tall": ("tall", "high-rise"),
+            "mid": ("multi-storey", "mid-rise"),
+            "low": ("low", "single-storey", "one-storey"),
+        },
+    },
+    vigour={
+        "lush": ("lush, vigorous vegetation", "very green", "healthy green cover"),
+        "moderate": ("moderately green", "some healthy vegetation", "partly green cover"),
+        "sparse": ("little green vegetation", "dry, sparse greenery", "hardly any living plants"),
+    },
+    terrain={
+        "flat": ("on flat terrain", "on level ground", "on flat land"),
+        "gentle": ("on gently sloping terrain", "on rolling terrain", "on a mild slope"),
+        "steep": ("on steep terrain", "on a steep slope", "on a steep hillside"),
+    },
+    layout={
+        "tree_line": (
+            "a line of trees along a field edge",
+            "a row of trees between fields",
+            "a hedgerow of trees",
+            "trees in a narrow strip",
+        ),
+        "scattered_trees": (
+            "isolated trees dotted across open land",
+            "scattered single trees",
+            "small clumps of trees spread out",
+        ),
+        "forest_gaps": (
+            "a forest with open gaps",
+            "an open canopy with bare patches between the trees",
+            "woods broken by clearings",
+        ),
+        "buildings_in_trees": (
+            "buildings among trees",
+            "houses nestled in trees",
+            "rooftops ringed by canopy",
+        ),
+        "bridge_over_water": ("a bridge over water", "a bridge crossing a river"),
+    },
+    colour={
+        "green": ("green", "greenish"),
+        "brown": ("brown", "tan", "earth-coloured"),
+        "grey": ("grey", "greyish"),
+        "dark": ("dark", "dark-toned"),
+        "bright": ("bright", "light-coloured", "pale"),
+    },
+    texture={
+        "smooth": ("smooth, uniform texture", "even, featureless surface"),
+        "coarse": ("rough, coarse texture", "busy, uneven texture"),
+    },
+    frames=(
+        "Aerial view of {body}{extras}.",
+        "{Body}{extras}.",
+        "An orthophoto tile showing {body}{extras}.",
+        "Top-down image: {body}{extras}.",
+        "Overhead photo of {body}{extras}.",
+        "This tile shows {body}{extras}.",
+        "A {tone}aerial image with {body}{extras}.",
+        "Seen from above: {body}{extras}.",
+    ),
 )
+"""The N3C instance of the caption grammar (docs/retrieval.md lists it in full)."""
 
 
-def captions(tile: TileInfo, rng: np.random.Generator, n: int = 1) -> list[str]:
+def captions(
+    tile: TileInfo, rng: np.random.Generator, n: int = 1, vocabulary: Vocabulary = N3C
+) -> list[str]:
     """`n` training captions of a tile with varied phrasing; deterministic for a given `rng`."""
     f = facts(tile)
-    return [_caption(f, rng) for _ in range(n)]
+    return [_caption(f, rng, vocabulary) for _ in range(n)]
 
 
-def _caption(f: Facts, rng: np.random.Generator) -> str:
+def _caption(f: Facts, rng: np.random.Generator, v: Vocabulary) -> str:
     parts = []
-    for i, (cls, share) in enumerate(f.shares.items()):
-        word = _pick(rng, CAPTION_WORDS[cls])
-        if cls in f.heights:
+    for i, (kind, share) in enumerate(f.shares.items()):
+        words = v.kinds[_refined(kind, f)]
+        if share in ("most", "much"):
+            words += v.large.get(kind, ())
+        word = _pick(rng, words)
+        if kind in f.heights:
             if rng.random() < 0.5:
-                word = f"{_pick(rng, CAPTION_HEIGHTS[cls][f.heights[cls]])} {word}"
+                word = f"{_pick(rng, v.heights[kind][f.heights[kind]])} {word}"
             else:
-                word = f"{word} up to about {f.height_m[cls]:.0f} m tall"
-        # The dominant class keeps its quantifier only sometimes: "tall tree canopy" alone is a
+                word = f"{word} up to about {f.height_m[kind]:.0f} m tall"
+        # The dominant kind keeps its quantifier only sometimes: "tall tree canopy" alone is a
         # natural caption of a forest tile.
         if i == 0 and share == "most" and rng.random() < 0.5:
             parts.append(word)
         else:
-            parts.append(_pick(rng, CAPTION_SHARES[share]).format(w=word))
+            parts.append(_pick(rng, v.shares[share]).format(w=word))
     if not parts:
-        parts = ["an area without labelled land cover"]
-    body = parts[0] if len(parts) == 1 else f"{parts[0]} with " + " and ".join(parts[1:])
-    if len(parts) > 1 and rng.random() < 0.5:
-        body = f"{parts[0]}, plus " + ", ".join(parts[1:])
-    terrain = (
-        f" {_pick(rng, CAPTION_TERRAIN[f.terrain])}" if f.terrain and rng.random() < 0.7 else ""
+        parts = [v.empty]
+    body = parts[0]
+    if len(parts) > 1:
+        body += _pick(rng, v.joins) + " and ".join(parts[1:])
+    extras = []
+    for key in f.layout:
+        if rng.random() < 0.8:
+            extras.append(_pick(rng, v.layout[key]))
+    if f.terrain and rng.random() < 0.5:
+        extras.append(_pick(rng, v.terrain[f.terrain]))
+    if f.vigour and rng.random() < 0.5:
+        extras.append(_pick(rng, v.vigour[f.vigour]))
+    if f.texture and rng.random() < 0.3:
+        extras.append(_pick(rng, v.texture[f.texture]))
+    rng.shuffle(extras)
+    tone = ""
+    if f.colour and rng.random() < 0.6:
+        tone = " ".join(_pick(rng, v.colour[c]) for c in f.colour) + " "
+    frame = _pick(rng, v.frames)
+    if "{tone}" not in frame and tone and rng.random() < 0.5:
+        extras.append(f"{tone.strip()} in colour")
+    glue = "; " if rng.random() < 0.5 else ", "
+    text = frame.format(
+        body=body,
+        Body=body[0].upper() + body[1:],
+        extras="".join(glue + e for e in extras),
+        tone=tone,
     )
-    vigour = f"; {_pick(rng, CAPTION_VIGOUR[f.vigour])}" if f.vigour and rng.random() < 0.6 else ""
-    frame = _pick(rng, CAPTION_FRAMES)
-    return frame.format(body=body, Body=body[0].upper() + body[1:], terrain=terrain, vigour=vigour)
+    return text.replace("A a", "An a").replace("A e", "An e")
+
+
+def _refined(kind: str, f: Facts) -> str:
+    """LiDAR "ground" is whatever is at ground level: green with NIR vigour (a field, a meadow),
+    bare without, unknown (open ground) without NIR."""
+    if kind != "ground" or f.vigour is None:
+        return kind
+    return "ground_bare" if f.vigour == "sparse" else "ground_green"
 
 
 def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-# --- held-out evaluation queries ---------------------------------------------------------------
-
-QUERY_WORDS = {
-    "building": ("buildings", "built-up area", "structures"),
-    "tree": ("trees", "forest", "wooded area"),
-    "ground": ("bare ground", "bare soil", "open land"),
-    "others": ("low vegetation", "grassland", "shrubland"),
-}
-QUERY_HEIGHTS = {
-    "tree": {"tall": "tall", "mid": "medium-height", "short": "low"},
-    "building": {"tall": "tall", "mid": "mid-size", "low": "small"},
-}
-QUERY_SHARES = {"much": "lots of", "some": "some", "few": "a few patches of"}
-QUERY_PREFIXES = ("", "places with ", "areas of ", "find ")
-QUERY_TERRAIN = {"flat": "flat", "gentle": "sloping", "steep": "steep"}
-
-
-def query_for(tile: TileInfo, rng: np.random.Generator) -> str:
-    """A short search-style query describing a held-out tile (evaluation only, never trained on).
-
-    Names the dominant class (with its height category), optionally the second class and the
-    terrain: what a user would type, and exactly what `relevance` grades.
-    """
-    f = facts(tile)
-    classes = list(f.shares)
-    if not classes:
-        return "areas without land cover labels"
-
-    def phrase(cls: str) -> str:
-        word = _pick(rng, QUERY_WORDS[cls])
-        height = QUERY_HEIGHTS.get(cls, {}).get(f.heights.get(cls, ""))
-        return f"{height} {word}" if height else word
-
-    text = _pick(rng, QUERY_PREFIXES) + phrase(classes[0])
-    if len(classes) > 1 and f.shares[classes[1]] in QUERY_SHARES:
-        text += f" and {QUERY_SHARES[f.shares[classes[1]]]} {phrase(classes[1])}"
-    if f.terrain and rng.random() < 0.5:
-        text += f" on {QUERY_TERRAIN[f.terrain]} terrain"
-    return text
-
-
-# --- graded relevance --------------------------------------------------------------------------
+# --- graded relevance (stage-3 label judge) ---------------------------------------------------
 
 
 def relevance(query: TileInfo, candidate: TileInfo) -> int:
-    """How well `candidate` answers a query describing `query`: 0 (no) .. 3 (fully).
+    """How well `candidate` answers a caption of `query`: 0 (no) .. 3 (fully).
 
-    3: same dominant class, class mix within 0.15 total variation, every class that makes up
+    3: same dominant kind, kind mix within 0.15 total variation, every kind that makes up
        >= 10 % of the query present in the candidate, and no known height/terrain category that
-       disagrees; 2: same dominant class, mix within 0.3, classes present;
-    1: same dominant class, or a mix within 0.35; 0 otherwise. Used for nDCG grades and by the
-    label judge, so it only reads labels and statistics, never pixels.
+       disagrees; 2: same dominant kind, mix within 0.3, kinds present;
+    1: same dominant kind, or a mix within 0.35; 0 otherwise. The label judge of training uses
+    it; evaluation does not (its queries have their own rules, `retrieval.queries`).
     """
     fq, fc = facts(query), facts(candidate)
     if not fq.shares or not fc.shares:
         return 0
-    tv = 0.5 * sum(
-        abs(query.class_fractions.get(c, 0.0) - candidate.class_fractions.get(c, 0.0))
-        for c in CLASSES
-    )
-    if query.dominant != candidate.dominant:
+    sq, sc = kind_shares(query), kind_shares(candidate)
+    tv = 0.5 * sum(abs(sq[k] - sc[k]) for k in sq)
+    if next(iter(fq.shares)) != next(iter(fc.shares)):
         return 1 if tv <= 0.35 else 0
-    present = all(
-        candidate.class_fractions.get(c, 0.0) >= SHARE_LEVELS[-1][1]
-        for c in CLASSES
-        if query.class_fractions.get(c, 0.0) >= PRESENT
-    )
+    present = all(sc[k] >= SHARE_LEVELS[-1][1] for k in sq if sq[k] >= PRESENT)
     attributes_agree = all(fc.heights.get(c, h) == h for c, h in fq.heights.items()) and (
         fq.terrain is None or fc.terrain is None or fq.terrain == fc.terrain
     )

@@ -29,7 +29,11 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
 
 @click.command("index")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Build folder.")
-@click.option("--model", required=True, help="Embedder folder, train-retrieval run or HF id.")
+@click.option(
+    "--model",
+    required=True,
+    help="Embedder folder, train-retrieval run, HF id or open_clip:ARCH:PRETRAINED.",
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Index folder.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
@@ -71,7 +75,9 @@ def index_cmd(
 
 
 def _embedder_ref(model: str) -> str:
-    """A train-retrieval run folder stands for its `embedder/`."""
+    """A train-retrieval run folder stands for its `embedder/`; `open_clip:` refs stay."""
+    if model.startswith("open_clip:"):
+        return model
     path = Path(model)
     if (path / "embedder").is_dir():
         path = path / "embedder"
@@ -161,25 +167,30 @@ def search_cmd(
     "models",
     required=True,
     multiple=True,
-    type=click.Path(path_type=Path),
-    help="Embedder or train-retrieval run (repeat to compare, e.g. s=2 and s=1).",
+    help="Embedder, train-retrieval run or open_clip:ARCH:PRETRAINED (repeat to compare).",
 )
-@click.option("--split", default="test", show_default=True, help="Split the queries come from.")
+@click.option(
+    "--queries",
+    type=click.Path(path_type=Path),
+    help="Query file with label rules [retrieval/queries/eval.yaml].",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 def evaluate_retrieval_cmd(
-    data: Path, models: tuple[Path, ...], split: str, seed: int, device: str, out: Path
+    data: Path, models: tuple[str, ...], queries: Path | None, seed: int, device: str, out: Path
 ) -> None:
-    """Recall@1/5/10 and nDCG@5 of text → tile search on held-out tiles, one table.
+    """Text → tile (hand-written queries, label rules) and tile → tile quality, with chance.
 
-    Runs with a reranker/ folder get a second row with the top 5 reranked.
+    P@10, hit@1/5/10 and nDCG@10 with 95 % bootstrap intervals over queries, on all tiles and
+    on the tiles training never saw; runs with a reranker/ folder get a reranked row.
     """
     from geoseg.errors import first_line
     from retrieval.evaluate import evaluate_retrieval
 
     try:
-        evaluate_retrieval(data, list(models), out, split=split, seed=seed, device=device)
+        kwargs = {"queries": queries} if queries else {}
+        evaluate_retrieval(data, list(models), out, seed=seed, device=device, **kwargs)
     except _bad_input_errors() as exc:
         _fail(first_line(exc), EXIT_BAD_INPUT)
     click.echo((out / "table.md").read_text().rstrip())

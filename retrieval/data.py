@@ -30,7 +30,7 @@ CLASSES: tuple[str, ...] = CLASS_NAMES[1:]
 """Labelled classes (others, ground, tree, building); fractions are over labelled pixels."""
 
 STATS_FILE = "retrieval_stats.parquet"
-STATS_VERSION = 1
+STATS_VERSION = 2
 """Bump when `tile_stats` changes so stale caches are recomputed."""
 
 GROUND = CLASS_NAMES.index("ground")
@@ -157,7 +157,75 @@ def tile_stats(data: Path, tile_id: str) -> dict[str, float | None]:
     ndvi = (nir[valid] - red[valid]) / (nir[valid] + red[valid])
     stats["ndvi_mean"] = float(ndvi.mean()) if ndvi.size else None
     stats["green_fraction"] = float((ndvi > 0.3).mean()) if ndvi.size else None
+    stats |= _asprs_shares(data, tile_id)
+    stats |= _layout(label)
+    stats |= _colour(tile.image[:3])
     return stats
+
+
+OTHERS_CODES = {"water": 9, "bridge": 17}
+"""ASPRS codes that N3C folds into `others` (with 3, low vegetation) but captions must name."""
+ROAD_CODE = 11
+"""ASPRS road surface (LAS 1.4): unmapped in N3C (unlabelled pixels), named when a survey has it."""
+
+
+def _asprs_shares(data: Path, tile_id: str) -> dict[str, float | None]:
+    """What the N3C labels cannot say: the share of `others` points that are water / bridge
+    deck, and the share of all points on road surface, from the tile's raw ASPRS codes."""
+    import laspy
+
+    codes = np.asarray(
+        laspy.read(safe_join(Path(data), "tiles", tile_id) / "points.laz").classification
+    )
+    others = np.isin(codes, (3, *OTHERS_CODES.values()))
+    out: dict[str, float | None] = {
+        f"others_{k}": float((codes[others] == c).mean()) if others.any() else 0.0
+        for k, c in OTHERS_CODES.items()
+    }
+    out["road_points"] = float((codes == ROAD_CODE).mean()) if codes.size else 0.0
+    return out
+
+
+def _layout(label: np.ndarray) -> dict[str, float | None]:
+    """Shape facts of the tree and building masks (captions say "a line of trees", "scattered
+    trees", "buildings among trees"): tree patches of >= 4 px, elongation of the largest tree
+    patch (sqrt of its coordinate covariance eigenvalue ratio; 1 = round), and the share of the
+    ring around buildings (2 px) that is tree."""
+    tree = label == CLASS_NAMES.index("tree")
+    parts, n = ndimage.label(tree)
+    sizes = np.bincount(parts.ravel())[1:] if n else np.zeros(0, int)
+    out: dict[str, float | None] = {"tree_patches": float((sizes >= 4).sum())}
+    out["tree_elongation"] = None
+    if n and sizes.max() >= 8:
+        ys, xs = np.nonzero(parts == int(sizes.argmax()) + 1)
+        lo, hi = np.linalg.eigvalsh(np.cov(np.stack([xs, ys]).astype(float)))
+        out["tree_elongation"] = float(np.sqrt(hi / max(lo, 1e-6)))
+    building = label == CLASS_NAMES.index("building")
+    ring = ndimage.binary_dilation(building, iterations=2) & ~building & (label > 0)
+    out["building_tree_contact"] = float(tree[ring].mean()) if ring.any() else None
+    return out
+
+
+def _colour(rgb: np.ndarray) -> dict[str, float | None]:
+    """Mean brightness, the RGB chromaticity (share of each band in R+G+B) and texture (mean
+    absolute difference of neighbouring luminance, in 0-255 units) over valid pixels."""
+    valid = np.all(rgb > 0, axis=0)
+    if not valid.any():
+        return dict.fromkeys(("brightness", "red_share", "green_share", "blue_share", "texture"))
+    px = rgb[:, valid].astype(np.float64)
+    total = px.sum(0) + 1e-6
+    lum = rgb.astype(np.float64).mean(0)
+    both_x, both_y = valid[:, 1:] & valid[:, :-1], valid[1:] & valid[:-1]
+    diffs = np.concatenate(
+        [np.abs(np.diff(lum, axis=1))[both_x], np.abs(np.diff(lum, axis=0))[both_y]]
+    )
+    return {
+        "brightness": float(px.mean() / 255),
+        "red_share": float((px[0] / total).mean()),
+        "green_share": float((px[1] / total).mean()),
+        "blue_share": float((px[2] / total).mean()),
+        "texture": float(diffs.mean()) if diffs.size else None,
+    }
 
 
 def _ground_surface(tile: TileLayers, gsd: float) -> np.ndarray | None:

@@ -115,11 +115,18 @@ class TileEmbedder(nn.Module):
         digest.update(weights_digest(self).encode())
         return digest.hexdigest()[:16]
 
-    def embed(self, images: Tensor | None, texts: list[str], template: str) -> Tensor:
-        """Embed `[images (B, M, 3, H, W) or None; template filled with each text]`."""
+    def embed(
+        self,
+        images: Tensor | None,
+        texts: list[str],
+        template: str,
+        features: Tensor | None = None,
+    ) -> Tensor:
+        """Embed `[images (B, M, 3, H, W) or None; template filled with each text]`; `features`
+        (B, M, tokens, C) = the backbone's precomputed `visual_features` instead of images."""
         prompts = [self.templates[template].format(text=t) for t in texts]
         with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
-            hidden = self.backbone.hidden(images, prompts, self.max_text_tokens)
+            hidden = self.backbone.hidden(images, prompts, self.max_text_tokens, features)
         return F.normalize(hidden.float(), dim=-1)
 
     def embed_tiles(self, images: Tensor, texts: list[str] | None = None) -> Tensor:
@@ -129,6 +136,16 @@ class TileEmbedder(nn.Module):
         if texts is None:
             return self.embed(images.unsqueeze(1), [""] * images.shape[0], "tile")
         return self.embed(images.unsqueeze(1), texts, "tile_text")
+
+    def tile_features(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) RGB in [0, 1] -> (B, tokens, C) frozen visual features, for training
+        loops that reuse them (`embed_features`); only when `backbone.caches_vision`."""
+        with torch.no_grad():
+            return self.backbone.visual_features(self.backbone.preprocess(images))
+
+    def embed_features(self, features: Tensor) -> Tensor:
+        """`embed_tiles` from precomputed `tile_features` (B, tokens, C) -> (B, dim)."""
+        return self.embed(None, [""] * features.shape[0], "tile", features.unsqueeze(1))
 
     def embed_queries(self, texts: list[str]) -> Tensor:
         """Text queries (query instruction applied here) -> (B, dim), L2-normalised."""
@@ -177,10 +194,14 @@ def create_embedder(config: dict[str, Any]) -> TileEmbedder:
     )
 
 
-def load_embedder(path_or_hf_id: str | Path, device: str | torch.device = AUTO) -> TileEmbedder:
-    """A saved embedder folder, or a raw HF MLLM (id or folder) wrapped with default settings,
-    on `device` (`geoseg.device.resolve_device`)."""
+def load_embedder(path_or_hf_id: str | Path, device: str | torch.device = AUTO) -> Any:
+    """A saved embedder folder, a raw HF MLLM (id or folder) wrapped with default settings, or
+    an `open_clip:ARCH:PRETRAINED` zero-shot model, on `device` (`resolve_device`)."""
     run_on = resolve_device(device)
+    from retrieval.backbones.openclip import OpenCLIPEmbedder, is_open_clip
+
+    if is_open_clip(path_or_hf_id):
+        return OpenCLIPEmbedder(str(path_or_hf_id)).to(run_on).eval()
     folder = Path(path_or_hf_id)
     if (folder / "config.yaml").is_file():
         config, backbone = read_folder(folder)

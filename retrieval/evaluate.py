@@ -1,23 +1,24 @@
-"""Text → tile retrieval quality on held-out tiles: Recall@1/5/10 and nDCG@5, graded by labels.
+"""Honest retrieval evaluation: hand-written queries graded by label rules, chance beside every
+number, bootstrap intervals over queries, tiles streamed.
 
-Protocol: one query per test-split tile (`captions.query_for`, templates never used in
-training), ranked against every tile that training never saw (all splits but `train`). A
-candidate's relevance to a query is `captions.relevance(query tile, candidate)`, 0..3.
+Text → tile: the queries of a query file (`retrieval/queries/eval.yaml` by default, written
+apart from the caption grammar, `retrieval.queries`) are ranked over two pools of a build:
+`index` (every tile, what `geoseg search` sees) and `unseen` (tiles of splits other than
+`train`, which training never read). Per query: precision@10, hit@1/5/10, nDCG@10, each with
+its chance level (random ranking) and, for P@10, its ceiling (a perfect ranking).
 
-- Recall@K: share of queries with a fully relevant (grade 3) tile among the top K. The query's
-  own tile is always grade 3, so this is the usual "ground truth in the top K", made fair for
-  the many look-alike tiles of a land-cover archive.
-- nDCG@5: gain 2^grade − 1, log2 discount, normalised by the ideal order of all candidates.
+Tile → tile (`--like`): every tile of a pool queries the others; the share of its top 10 with
+the same dominant class, against the chance of drawing one (its class's share of the rest of
+the pool), overall and per class.
 
-Each model is evaluated as embedder alone (E) and, when it has a reranker, embedder + reranker
-on the top 5 (E+R), so one table compares compression factors and the reranker.
+Models are embedder folders, `train-retrieval` runs (with a reranker: a second row, its top 5
+reranked) or `open_clip:ARCH:PRETRAINED` (a zero-shot baseline). Tiles are read, embedded and
+dropped batch by batch; rankings come from faiss (top 10, O(n·k) memory, no n×n matrix).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,133 +27,243 @@ import torch
 
 from geoseg.builder.writers import write_bytes_atomic, write_json
 from geoseg.device import AUTO, resolve_device
-from retrieval.captions import query_for, relevance
 from retrieval.data import TileInfo, load_tiles, tile_rgb
-from retrieval.index import open_embedder
+from retrieval.index import make_faiss, open_embedder
+from retrieval.queries import (
+    EVAL_QUERIES,
+    HIT_KS,
+    PRECISION_K,
+    load_queries,
+    query_metrics,
+    relevance_matrix,
+    summarise,
+)
 from retrieval.rerank import RERANK_TOP, load_reranker, rerank_order
 
-RECALL_KS = (1, 5, 10)
-NDCG_K = 5
-FULLY_RELEVANT = 3
+POOLS = ("index", "unseen")
+LIKE_K = 10
 
 
-def recall_at_k(ranked: Sequence[Sequence[int]], k: int) -> float:
-    """Share of queries whose top k holds a grade-3 candidate (`ranked`: grades in rank order)."""
-    return float(np.mean([any(g >= FULLY_RELEVANT for g in r[:k]) for r in ranked]))
+def pool_mask(tiles: Sequence[TileInfo], pool: str) -> np.ndarray:
+    """Tiles of a pool: `index` = all, `unseen` = not in the training split."""
+    if pool == "index":
+        return np.ones(len(tiles), bool)
+    return np.array([t.split != "train" for t in tiles])
 
 
-def ndcg_at_k(ranked: Sequence[int], pool: Sequence[int], k: int) -> float:
-    """nDCG@k of one ranking; `pool` = grades of all candidates (for the ideal ranking)."""
-
-    def dcg(grades: Sequence[int]) -> float:
-        return sum((2**g - 1) / math.log2(i + 2) for i, g in enumerate(grades[:k]))
-
-    ideal = dcg(sorted(pool, reverse=True))
-    return dcg(ranked) / ideal if ideal > 0 else 0.0
+def image_batches(data: Path, tiles: Sequence[TileInfo], size: int) -> Iterator[torch.Tensor]:
+    """(B, 3, H, W) RGB batches read on demand: memory holds one batch of images, not the pool."""
+    for i in range(0, len(tiles), size):
+        yield torch.stack([tile_rgb(data, t.tile_id) for t in tiles[i : i + size]])
 
 
-@dataclass(frozen=True)
-class Candidates:
-    """Held-out tiles with their images, embedded once per model."""
+@torch.inference_mode()
+def embed_pool(
+    embedder: Any, data: Path, tiles: Sequence[TileInfo], device: torch.device, batch_size: int
+) -> np.ndarray:
+    """(N, dim) float32 tile vectors, streamed."""
+    out = [
+        embedder.embed_tiles(batch.to(device)).float().cpu().numpy()
+        for batch in image_batches(data, tiles, batch_size)
+    ]
+    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
-    tiles: list[TileInfo]
-    images: torch.Tensor
+
+def top_ranked(
+    vectors: np.ndarray, queries: np.ndarray, k: int, exclude_self: bool = False
+) -> np.ndarray:
+    """(Q, k) pool rows best first, through faiss; `exclude_self`: query i is pool row i and is
+    left out of its own ranking."""
+    index = make_faiss(vectors, "flat")
+    depth = min(len(vectors), k + int(exclude_self))
+    _, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), depth)
+    if exclude_self:
+        rows = np.stack([r[r != i][: depth - 1] for i, r in enumerate(rows)])
+    return rows
 
 
-def held_out(data: Path, query_split: str = "test") -> tuple[list[TileInfo], Candidates]:
-    tiles = load_tiles(data)
-    queries = [t for t in tiles if t.split == query_split]
-    if not queries:
-        raise ValueError(f"{data} has no {query_split!r} tiles to query with")
-    pool = [t for t in tiles if t.split != "train"]
-    images = torch.stack([tile_rgb(data, t.tile_id) for t in pool])
-    return queries, Candidates(pool, images)
+def like_metrics(vectors: np.ndarray, tiles: Sequence[TileInfo]) -> dict[str, Any]:
+    """Tile → tile: same-dominant-class share of each tile's top 10 vs chance, by class."""
+    classes = np.array([t.dominant or "" for t in tiles])
+    rows = top_ranked(vectors, vectors, LIKE_K, exclude_self=True)
+    same = (classes[rows] == classes[:, None]).mean(1)
+    counts = {c: int((classes == c).sum()) for c in set(classes)}
+    chance = np.array([(counts[c] - 1) / (len(tiles) - 1) for c in classes])
+    by_class = {
+        c: {
+            "tiles": counts[c],
+            "same_class@10": float(same[classes == c].mean()),
+            "chance": float(chance[classes == c].mean()),
+        }
+        for c in sorted(counts)
+    }
+    macro = float(np.mean([v["same_class@10"] for v in by_class.values()]))
+    macro_chance = float(np.mean([v["chance"] for v in by_class.values()]))
+    return {
+        "same_class@10": float(same.mean()),
+        "chance": float(chance.mean()),
+        "macro_same_class@10": macro,
+        "macro_chance": macro_chance,
+        "by_class": by_class,
+    }
 
 
 def evaluate_retrieval(
     data: Path,
-    models: Sequence[Path],
+    models: Sequence[str | Path],
     out: Path,
     *,
-    split: str = "test",
+    queries: Path = EVAL_QUERIES,
     seed: int = 0,
     batch_size: int = 32,
     device: str | torch.device = AUTO,
 ) -> list[dict[str, Any]]:
-    """One row per model (and per model + its reranker); writes out/metrics.json and table.md.
-
-    A model is an embedder folder or a `train-retrieval` run folder (`embedder/`, and
-    `reranker/` when trained).
-    """
+    """One row per model and pool (and per reranked model); writes out/metrics.json, table.md."""
     device = resolve_device(device)
-    queries, cands = held_out(Path(data), split)
-    texts = [query_for(t, np.random.default_rng([seed, i])) for i, t in enumerate(queries)]
-    grades = np.array([[relevance(q, c) for c in cands.tiles] for q in queries])
-    rows = []
+    data = Path(data)
+    tiles = load_tiles(data)
+    specs = load_queries(queries)
+    texts = [q.text for q in specs]
+    relevant = relevance_matrix(specs, tiles)
+    rows: list[dict[str, Any]] = []
+    for pool in POOLS:
+        mask = pool_mask(tiles, pool)
+        rel = relevant[:, mask]
+        answerable = rel.any(1)
+        rows.append(_chance_row(pool, rel[answerable], seed))
     for model in models:
-        model = Path(model)
-        folder = model / "embedder" if (model / "embedder").is_dir() else model
-        embedder = open_embedder(folder, device=device)
+        ref, reranker_dir = _model_paths(model)
+        embedder = open_embedder(ref, device=device)
+        vectors = embed_pool(embedder, data, tiles, device, batch_size)
         with torch.inference_mode():
-            tiles = torch.cat(
-                [
-                    embedder.embed_tiles(cands.images[i : i + batch_size].to(device))
-                    for i in range(0, len(cands.tiles), batch_size)
-                ]
-            )
-            scores = (embedder.embed_queries(texts) @ tiles.T).float().cpu().numpy()
-        order = np.argsort(-scores, axis=1, kind="stable")
-        base = {"model": str(model), "visual_tokens": int(embedder.visual_tokens())}
-        rows.append(base | {"reranker": False} | _metrics(order, grades))
-        reranker_dir = model / "reranker"
-        if reranker_dir.is_dir():
-            reranked = _rerank(reranker_dir, texts, order, cands, device)
-            rows.append(base | {"reranker": True} | _metrics(reranked, grades))
-    out = Path(out)
+            qvec = embedder.embed_queries(texts).float().cpu().numpy()
+        for pool in POOLS:
+            mask = pool_mask(tiles, pool)
+            rel, pool_tiles = relevant[:, mask], [t for t, m in zip(tiles, mask, strict=True) if m]
+            ranked = top_ranked(vectors[mask], qvec, PRECISION_K)
+            base = {"model": str(model), "pool": pool, "tiles": int(mask.sum())}
+            base["visual_tokens"] = int(embedder.visual_tokens())
+            rows.append(base | {"reranker": False} | _text_rows(specs, ranked, rel, seed))
+            rows[-1]["like"] = like_metrics(vectors[mask], pool_tiles)
+            if reranker_dir is not None:
+                reranked = _rerank(reranker_dir, texts, ranked, data, pool_tiles, device)
+                rows.append(base | {"reranker": True} | _text_rows(specs, reranked, rel, seed))
+        del embedder
     summary = {
-        "queries": len(queries),
-        "candidates": len(cands.tiles),
-        "split": split,
+        "data": str(data),
+        "queries_file": str(queries),
+        "queries": len(specs),
         "seed": seed,
-        "query_texts": dict(zip([q.tile_id for q in queries], texts, strict=True)),
         "rows": rows,
     }
+    out = Path(out)
     write_json(out / "metrics.json", summary)
-    table = markdown_table(rows, len(queries), len(cands.tiles))
+    table = markdown_table(rows)
     write_bytes_atomic(out / "table.md", lambda p: p.write_text(table))
     return rows
 
 
-def _metrics(order: np.ndarray, grades: np.ndarray) -> dict[str, float]:
-    ranked = [grades[q, order[q]].tolist() for q in range(len(order))]
-    metrics = {f"recall@{k}": recall_at_k(ranked, k) for k in RECALL_KS}
-    metrics[f"ndcg@{NDCG_K}"] = float(
-        np.mean([ndcg_at_k(r, grades[q].tolist(), NDCG_K) for q, r in enumerate(ranked)])
-    )
-    return metrics
+def _model_paths(model: str | Path) -> tuple[str, Path | None]:
+    """(embedder reference, reranker folder or None) of a model argument."""
+    text = str(model)
+    if text.startswith("open_clip:"):
+        return text, None
+    path = Path(model)
+    folder = path / "embedder" if (path / "embedder").is_dir() else path
+    reranker = path / "reranker"
+    return str(folder), reranker if reranker.is_dir() else None
+
+
+def _text_rows(specs: Sequence[Any], ranked: np.ndarray, rel: np.ndarray, seed: int) -> dict:
+    answerable = rel.any(1)
+    per_query = [
+        {"id": q.id, "relevant": int(r.sum())} | query_metrics(rk, r)
+        for q, rk, r in zip(specs, ranked, rel, strict=True)
+        if r.any()
+    ]
+    return {
+        "answerable": int(answerable.sum()),
+        "unanswerable": [q.id for q, a in zip(specs, answerable, strict=True) if not a],
+        "summary": summarise(per_query, seed),
+        "per_query": per_query,
+    }
+
+
+def _chance_row(pool: str, rel: np.ndarray, seed: int) -> dict[str, Any]:
+    """A uniformly random ranking (expected values, so its interval is over queries only)."""
+    n = rel.shape[1]
+    per_query = []
+    for r in rel:
+        m = query_metrics(np.arange(min(n, PRECISION_K)), r)
+        per_query.append({k: m.get(f"chance_{k}", v) for k, v in m.items()})
+    return {
+        "model": "random ranking (chance)",
+        "pool": pool,
+        "tiles": n,
+        "reranker": False,
+        "answerable": len(rel),
+        "summary": summarise(per_query, seed),
+    }
 
 
 def _rerank(
-    path: Path, texts: list[str], order: np.ndarray, cands: Candidates, device: torch.device
+    path: Path,
+    texts: list[str],
+    ranked: np.ndarray,
+    data: Path,
+    pool: Sequence[TileInfo],
+    device: torch.device,
 ) -> np.ndarray:
     """Each query's ranking with its top `RERANK_TOP` re-ordered by the reranker."""
     reranker = load_reranker(path, device=device)
-    out = order.copy()
+    out = ranked.copy()
     for q, text in enumerate(texts):
-        head = order[q, :RERANK_TOP]
-        out[q, :RERANK_TOP] = head[rerank_order(reranker, text, cands.images[head].to(device))[0]]
+        head = ranked[q, :RERANK_TOP]
+        images = torch.stack([tile_rgb(data, pool[i].tile_id) for i in head]).to(device)
+        out[q, :RERANK_TOP] = head[rerank_order(reranker, text, images)[0]]
     return out
 
 
-def markdown_table(rows: list[dict[str, Any]], queries: int, candidates: int) -> str:
-    keys = [f"recall@{k}" for k in RECALL_KS] + [f"ndcg@{NDCG_K}"]
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Text → tile table (mean [95 % CI], chance in its own row) and the tile → tile table."""
+    keys = [f"p@{PRECISION_K}", *[f"hit@{k}" for k in HIT_KS], f"ndcg@{PRECISION_K}"]
     lines = [
-        f"{queries} text queries (held-out test tiles) over {candidates} unseen tiles",
-        "",
-        "| model | visual tokens / tile | reranker | " + " | ".join(keys) + " |",
+        "| model | pool (tiles) | queries | " + " | ".join(keys) + " |",
         "|---|---|---|" + "---|" * len(keys),
     ]
     for r in rows:
-        cells = [r["model"], str(r["visual_tokens"]), "top-5" if r["reranker"] else "—"]
-        lines.append("| " + " | ".join(cells + [f"{r[k]:.3f}" for k in keys]) + " |")
+        name = r["model"] + (" + reranker top-5" if r["reranker"] else "")
+        cells = [name, f"{r['pool']} ({r['tiles']})", str(r["answerable"])]
+        for k in keys:
+            s = r["summary"][k]
+            lo, hi = s["ci95"]
+            cells.append(f"{s['mean']:.3f} [{lo:.2f}, {hi:.2f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    first = next((r for r in rows if "summary" in r), None)
+    if first is not None:
+        ceiling = {
+            r["pool"]: r["summary"][keys[0]].get("ceiling")
+            for r in rows
+            if r["model"] != "random ranking (chance)"
+        }
+        lines.append("")
+        lines.append(
+            "P@10 ceiling (a perfect ranking; few relevant tiles cap it): "
+            + ", ".join(f"{p} {c:.3f}" for p, c in ceiling.items() if c is not None)
+        )
+    like_rows = [r for r in rows if "like" in r]
+    if like_rows:
+        lines += [
+            "",
+            "| model | pool | same class in top 10 | chance | by class: same@10 / chance |",
+            "|---|---|---|---|---|",
+        ]
+        for r in like_rows:
+            lk = r["like"]
+            per = "; ".join(
+                f"{c or 'none'} ({v['tiles']}): {v['same_class@10']:.2f} / {v['chance']:.2f}"
+                for c, v in lk["by_class"].items()
+            )
+            same, chance = f"{lk['same_class@10']:.3f}", f"{lk['chance']:.3f}"
+            lines.append(f"| {r['model']} | {r['pool']} | {same} | {chance} | {per} |")
     return "\n".join(lines) + "\n"

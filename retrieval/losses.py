@@ -46,3 +46,22 @@ def pointwise_loss(yes_no: Tensor, relevant: Tensor) -> Tensor:
 def listwise_loss(position_logits: Tensor, positive: Tensor) -> Tensor:
     """CE of the (B, M+1) logits of the position tokens "1".."M+1" against the positive's index."""
     return F.cross_entropy(position_logits, positive)
+
+
+def relational_kd(student: Tensor, teacher: Tensor) -> Tensor:
+    """KL(teacher || student) of (B, B) query-to-candidate logits, over rows (each query's
+    candidates) and columns (each candidate's queries), averaged: distils how a teacher ranks,
+    whatever the size of its embedding space."""
+    rows = F.kl_div(
+        F.log_softmax(student, dim=1),
+        F.log_softmax(teacher, dim=1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    cols = F.kl_div(
+        F.log_softmax(student.T, dim=1),
+        F.log_softmax(teacher.T, dim=1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    return (rows + cols) / 2

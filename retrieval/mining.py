@@ -1,9 +1,14 @@
-"""Global hard-negative mining (stage 2) and top-K candidate lists (stage 3).
+"""Global hard-negative mining (stage 2) and top-K candidate lists (stage 3), through faiss.
 
 The paper ranks *all* candidates of a sub-dataset for every query, drops the ground-truth
 positive and samples 2 negatives uniformly from ranks 50-100: hard enough to teach, deep enough
 to skip the false negatives that crowd the top 10. A small corpus has fewer than 100
 candidates, so the window is clipped (`mining_window`).
+
+Only the top `hi + 1` of each ranking is ever needed, so queries are answered by a faiss index
+over the candidate vectors (`ranked_negatives`): memory is O(n·d) for the vectors plus O(n·k)
+for the answers, never the dense n×n score matrix (which ran out of memory at 50-100 k tiles),
+and the index is exact up to `retrieval.index.FLAT_MAX` candidates, IVF above.
 """
 
 from __future__ import annotations
@@ -26,17 +31,37 @@ def mining_window(n_negatives: int, k: int, lo: int = 50, hi: int = 100) -> tupl
     return start, stop
 
 
-def ranked_negatives(scores: Tensor, positives: Tensor) -> Tensor:
-    """(Q, C) scores -> (Q, C-1) candidate indices by descending score, each query's positive
-    candidate (`positives` (Q,)) removed."""
-    order = torch.argsort(scores, dim=1, descending=True)
-    keep = order != positives.view(-1, 1)
-    return order[keep].view(scores.shape[0], -1)
+def ranked_negatives(
+    queries: np.ndarray | Tensor,
+    candidates: np.ndarray | Tensor,
+    positives: np.ndarray | Tensor,
+    k: int,
+    chunk: int = 4096,
+) -> np.ndarray:
+    """(Q, min(k, C-1)) candidate indices by descending inner product, each query's positive
+    (`positives` (Q,), a candidate index) removed. Searched through faiss in query chunks."""
+    from retrieval.index import FLAT_MAX, make_faiss
+
+    cands = np.ascontiguousarray(_numpy(candidates), dtype=np.float32)
+    index = make_faiss(cands, "flat" if len(cands) <= FLAT_MAX else "ivf")
+    positives = _numpy(positives).astype(np.int64)
+    depth = min(k + 1, len(cands))
+    keep = min(k, len(cands) - 1)
+    out = np.empty((len(positives), keep), dtype=np.int64)
+    for start in range(0, len(positives), chunk):
+        q = np.ascontiguousarray(_numpy(queries[start : start + chunk]), dtype=np.float32)
+        _, rows = index.search(q, depth)
+        pos = positives[start : start + chunk, None]
+        for i, (row, p) in enumerate(zip(rows, pos, strict=True)):
+            row = row[(row != p[0]) & (row >= 0)]
+            out[start + i] = row[:keep]
+    return out
 
 
 def mine_hard_negatives(
-    scores: Tensor,
-    positives: Tensor,
+    queries: np.ndarray | Tensor,
+    candidates: np.ndarray | Tensor,
+    positives: np.ndarray | Tensor,
     rng: np.random.Generator,
     k: int = 2,
     lo: int = 50,
@@ -44,13 +69,23 @@ def mine_hard_negatives(
 ) -> Tensor:
     """(Q, min(k, C-1)) hard negatives per query, sampled without replacement from the ranks
     `mining_window` gives; never the query's positive."""
-    ranked = ranked_negatives(scores, positives)
-    start, stop = mining_window(ranked.shape[1], k, lo, hi)
+    n_negatives = len(candidates) - 1
+    start, stop = mining_window(n_negatives, k, lo, hi)
+    ranked = ranked_negatives(queries, candidates, positives, stop)
     take = min(k, stop - start)
     picks = np.stack([rng.choice(np.arange(start, stop), take, replace=False) for _ in ranked])
-    return torch.gather(ranked, 1, torch.from_numpy(picks).to(ranked.device).long())
+    return torch.from_numpy(np.take_along_axis(ranked, picks, axis=1))
 
 
-def top_k(scores: Tensor, positives: Tensor, k: int) -> Tensor:
+def top_k(
+    queries: np.ndarray | Tensor,
+    candidates: np.ndarray | Tensor,
+    positives: np.ndarray | Tensor,
+    k: int,
+) -> Tensor:
     """(Q, min(k, C-1)) best-scoring candidates per query, positive excluded (stage-3 pool)."""
-    return ranked_negatives(scores, positives)[:, :k]
+    return torch.from_numpy(ranked_negatives(queries, candidates, positives, k))
+
+
+def _numpy(x: np.ndarray | Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)

@@ -67,7 +67,16 @@ DEFAULTS: dict[str, Any] = {
     },
     "reranker": {"steps": 200, "lr": 4.0e-5, "batch_size": 8, "list_negatives": [2, 5]},
     "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": None},
-    "train": {"seed": 0, "device": "auto", "grad_clip": 1.0, "log_every": 10, "cache_images": 4096},
+    "train": {
+        "seed": 0,
+        "device": "auto",
+        "grad_clip": 1.0,
+        "log_every": 10,
+        "cache_images": 4096,
+        "augment": 8,
+        "caption_bank": 16,
+    },
+    "teacher": {"model": None, "weight": 1.0, "tau": 0.05},
 }
 
 
@@ -116,6 +125,34 @@ class Run:
         # one fixed caption per tile: the queries that mining and the judge rank for
         fixed = np.random.default_rng(train["seed"] + 1)
         self.fixed_captions = [captions(t, fixed)[0] for t in self.tiles]
+        self._features: dict[tuple[int, int], Tensor] = {}
+        self._bank: dict[int, tuple[Tensor, list[str]]] = {}
+        self.teacher = Teacher(cfg["teacher"], self) if cfg["teacher"]["model"] else None
+
+    def views(self, indices: Sequence[int]) -> list[int]:
+        """A random dihedral view (flips, 90° turns: an aerial tile has no "up") per tile, out
+        of the first `train.augment`."""
+        return [int(self.rng.integers(self.cfg["train"]["augment"])) for _ in indices]
+
+    def tile_vectors(
+        self, embedder: TileEmbedder, indices: Sequence[int], views: Sequence[int] | None = None
+    ) -> Tensor:
+        """(N, dim) embeddings of training tiles, each in its `views` entry (None: as it is).
+        A frozen vision tower's features are computed once per (tile, view) and reused."""
+        views = list(views) if views is not None else [0] * len(indices)
+        keys = [(int(i), v) for i, v in zip(indices, views, strict=True)]
+        if not embedder.backbone.caches_vision:
+            images = self.images([i for i, _ in keys], embedder.image_size)
+            return embedder.embed_tiles(
+                torch.stack([dihedral(x, v) for x, (_, v) in zip(images, keys, strict=True)])
+            )
+        missing = [k for k in dict.fromkeys(keys) if k not in self._features]
+        for start in range(0, len(missing), 32):
+            chunk = missing[start : start + 32]
+            images = self.images([i for i, _ in chunk], embedder.image_size)
+            turned = torch.stack([dihedral(x, v) for x, (_, v) in zip(images, chunk, strict=True)])
+            self._features |= dict(zip(chunk, embedder.tile_features(turned), strict=True))
+        return embedder.embed_features(torch.stack([self._features[k] for k in keys]))
 
     def images(self, indices: Sequence[int], size: int) -> Tensor:
         """(N, 3, size, size) RGB of training tiles (resized here so batches stack)."""
@@ -130,6 +167,29 @@ class Run:
     def captions(self, indices: Sequence[int]) -> list[str]:
         return [self._captions(self.tiles[i], self.rng)[0] for i in indices]
 
+    def caption_vectors(
+        self, embedder: TileEmbedder, indices: Sequence[int]
+    ) -> tuple[Tensor, list[str]]:
+        """(N, dim) query embeddings of fresh captions of the tiles, and the captions. A frozen
+        text side (`freeze_lm`) gives the same vector for the same caption, so each tile gets a
+        bank of `train.caption_bank` captions embedded once, and a step draws from it."""
+        if not getattr(embedder.backbone, "freeze_lm", False):
+            texts = self.captions(indices)
+            return embedder.embed_queries(texts), texts
+        size = self.cfg["train"]["caption_bank"]
+        todo = [i for i in dict.fromkeys(int(i) for i in indices) if i not in self._bank]
+        if todo:
+            texts = [c for i in todo for c in self._captions(self.tiles[i], self.rng, n=size)]
+            with torch.no_grad():
+                vectors = torch.cat(
+                    [embedder.embed_queries(texts[j : j + 64]) for j in range(0, len(texts), 64)]
+                )
+            for k, i in enumerate(todo):
+                part = slice(k * size, (k + 1) * size)
+                self._bank[i] = (vectors[part], texts[part])
+        picks = [(self._bank[int(i)], int(self.rng.integers(size))) for i in indices]
+        return torch.stack([v[p] for (v, _), p in picks]), [t[p] for (_, t), p in picks]
+
     def batches(self, batch_size: int, steps: int) -> Iterator[np.ndarray]:
         """`steps` batches of distinct tiles (in-batch negatives must not repeat the positive)."""
         size = min(batch_size, len(self.tiles))
@@ -142,6 +202,14 @@ class Run:
     def log(self, **record: Any) -> None:
         with (self.out / "log.jsonl").open("a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def dihedral(image: Tensor, view: int) -> Tensor:
+    """View 0-7 of a (C, H, W) image under the dihedral group: 0 = unchanged, 1-3 = turned by
+    90°·view, 4-7 = the same after a left-right flip."""
+    if view >= 4:
+        image = image.flip(-1)
+    return torch.rot90(image, view % 4, dims=(-2, -1))
 
 
 def _optimise(
@@ -169,37 +237,83 @@ def _optimise(
 
 
 @torch.no_grad()
-def _score_all(run: Run, embedder: TileEmbedder) -> Tensor:
-    """(Q, C) caption-query x tile scores over all training tiles with the fixed captions."""
+def _embed_all(run: Run, embedder: TileEmbedder, chunk: int = 64) -> tuple[Tensor, Tensor]:
+    """(fixed-caption query vectors, tile vectors) of every training tile, in chunks: mining and
+    judging search them through faiss (`retrieval.mining`), never as an n×n score matrix."""
     embedder.eval()
-    n, chunk = len(run.tiles), 32
-    tiles = [
-        embedder.embed_tiles(run.images(range(i, min(i + chunk, n)), embedder.image_size))
-        for i in range(0, n, chunk)
-    ]
+    n = len(run.tiles)
+    tiles = [run.tile_vectors(embedder, range(i, min(i + chunk, n))) for i in range(0, n, chunk)]
     queries = [
         embedder.embed_queries(run.fixed_captions[i : i + chunk]) for i in range(0, n, chunk)
     ]
-    return torch.cat(queries) @ torch.cat(tiles).T
+    return torch.cat(queries), torch.cat(tiles)
 
 
 def _contrastive_loss(
     run: Run, embedder: TileEmbedder, negatives: Tensor | None, mask: Tensor | None
 ) -> Callable[[np.ndarray], Tensor]:
-    """InfoNCE of fresh captions vs their tiles, + per-query hard negatives (Q, K) if given."""
+    """InfoNCE of fresh captions vs their tiles, + per-query hard negatives (Q, K) if given,
+    + the teacher's relational distillation when a teacher is configured."""
 
     def loss(batch: np.ndarray) -> Tensor:
-        size = embedder.image_size
-        q = embedder.embed_queries(run.captions(batch))
-        c = embedder.embed_tiles(run.images(batch, size))
+        q, texts = run.caption_vectors(embedder, batch)
+        views = run.views(batch)
+        c = run.tile_vectors(embedder, batch, views)
+        extra = torch.zeros((), device=c.device)
+        if run.teacher is not None:
+            extra = run.teacher.loss(q, c, batch, views, texts)
         if negatives is None:
-            return info_nce(q, c)
-        hard_ids = negatives[batch]
-        hard = embedder.embed_tiles(run.images(hard_ids.flatten().tolist(), size))
+            return info_nce(q, c) + extra
+        hard_ids = negatives[batch].flatten().tolist()
+        hard = run.tile_vectors(embedder, hard_ids, run.views(hard_ids))
         hard_mask = None if mask is None else mask[batch].to(run.device)
-        return info_nce(q, c, hard.view(len(batch), hard_ids.shape[1], -1), hard_mask=hard_mask)
+        hard = hard.view(len(batch), negatives.shape[1], -1)
+        return info_nce(q, c, hard, hard_mask=hard_mask) + extra
 
     return loss
+
+
+class Teacher:
+    """An OpenCLIP model (`teacher.model: open_clip:ARCH:PRETRAINED`) distilled into the
+    embedder: for each batch the student's caption-to-tile score distribution (rows and
+    columns, softmax at τ = losses.TAU) is pulled towards the teacher's (its own image and text
+    embeddings of the same tiles and captions, softmax at `teacher.tau`) by KL divergence. It
+    compares similarities, not vectors, so the two embedding spaces may differ in size; the
+    student inherits what the teacher knows about words the captions never use. Teacher
+    vectors are computed once per (tile, view) and caption."""
+
+    def __init__(self, cfg: dict[str, Any], run: Run):
+        from retrieval.backbones.openclip import OpenCLIPEmbedder
+
+        self.model = OpenCLIPEmbedder(cfg["model"]).to(run.device).eval()
+        self.weight, self.tau, self.run = cfg["weight"], cfg["tau"], run
+        self._images: dict[tuple[int, int], Tensor] = {}
+        self._texts: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def _vectors(
+        self, batch: Sequence[int], views: Sequence[int], texts: list[str]
+    ) -> tuple[Tensor, Tensor]:
+        keys = [(int(i), v) for i, v in zip(batch, views, strict=True)]
+        todo = [k for k in dict.fromkeys(keys) if k not in self._images]
+        if todo:
+            images = self.run.images([i for i, _ in todo], self.model.image_size)
+            images = torch.stack([dihedral(x, v) for x, (_, v) in zip(images, todo, strict=True)])
+            self._images |= dict(zip(todo, self.model.embed_tiles(images), strict=True))
+        new = [t for t in dict.fromkeys(texts) if t not in self._texts]
+        if new:
+            self._texts |= dict(zip(new, self.model.embed_texts(new), strict=True))
+        return torch.stack([self._texts[t] for t in texts]), torch.stack(
+            [self._images[k] for k in keys]
+        )
+
+    def loss(
+        self, q: Tensor, c: Tensor, batch: Sequence[int], views: Sequence[int], texts: list[str]
+    ) -> Tensor:
+        from retrieval.losses import TAU, relational_kd
+
+        tq, tc = self._vectors(batch, views, texts)
+        return self.weight * relational_kd(q @ c.T / TAU, (tq @ tc.T / self.tau).to(q.device))
 
 
 def apply_lora(embedder: TileEmbedder, lora: dict[str, Any]) -> Callable[[], None]:
@@ -246,10 +360,10 @@ def _stage_contrastive(run: Run, embedder: TileEmbedder, folder: Path) -> None:
     merge = _maybe_lora(run, embedder, cfg["lora"])
     train = _contrastive_loss(run, embedder, None, None)
     _optimise(run, "contrastive", embedder, cfg["steps"], cfg["lr"], train, cfg["batch_size"])
-    scores = _score_all(run, embedder)
-    positives = torch.arange(len(run.tiles))
+    queries, tiles = _embed_all(run, embedder)
+    positives = np.arange(len(run.tiles))
     lo, hi = cfg["mine_ranks"]
-    mined = mine_hard_negatives(scores, positives, run.rng, cfg["hard_negatives"], lo, hi)
+    mined = mine_hard_negatives(queries, tiles, positives, run.rng, cfg["hard_negatives"], lo, hi)
     run.log(stage="contrastive", mined=int(mined.numel()), per_query=int(mined.shape[1]))
     retrain = _contrastive_loss(run, embedder, mined, None)
     steps, lr, bs = cfg["retrain_steps"], cfg["lr"], cfg["batch_size"]
@@ -282,8 +396,8 @@ def _judge_candidates(
     """Top-K per query judged: relevant ones (reranker positives) and hard negatives, by tile
     index and in rank order."""
     cfg = run.cfg["judge"]
-    scores = _score_all(run, embedder)
-    ranked = top_k(scores, torch.arange(len(run.tiles)), cfg["top_k"])
+    queries, tiles = _embed_all(run, embedder)
+    ranked = top_k(queries, tiles, np.arange(len(run.tiles)), cfg["top_k"])
     judged: dict[int, dict[str, list[int]]] = {}
     for q, row in enumerate(ranked.tolist()):
         pairs = [
@@ -409,6 +523,9 @@ def train_retrieval(
         folder = out / "stages" / stage
         if folder.is_dir():
             run.log(stage=stage, skipped="finished earlier")
+            continue
+        if not any(cfg[stage].get(k) for k in ("steps", "retrain_steps")):
+            run.log(stage=stage, skipped="0 steps configured")
             continue
         embedder = _start_model(run, stage)
         start = time.time()

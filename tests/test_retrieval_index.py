@@ -30,6 +30,8 @@ from retrieval.search import Query, search, write_geojson, write_thumbnails
 TINY = {
     "backbone": {
         "kind": "default",
+        "vision": "vit",
+        "image_size": 64,
         "vision_width": 32,
         "vision_layers": 1,
         "vision_heads": 2,
@@ -275,14 +277,29 @@ def test_cli_search_like_and_image_and_errors(index: Path, build: Path, tmp_path
 
 
 def test_evaluate_retrieval_table(build: Path, model: Path, tmp_path: Path):
+    """Chance rows for both pools, one row per pool for the model, tile → tile rows."""
     rows = evaluate_retrieval(build, [model], tmp_path / "eval")
-    assert len(rows) == 1 and rows[0]["reranker"] is False
-    assert 0 <= rows[0]["recall@1"] <= rows[0]["recall@5"] <= rows[0]["recall@10"] <= 1
-    assert 0 <= rows[0]["ndcg@5"] <= 1
+    chance = [r for r in rows if r["model"].startswith("random")]
+    mine = [r for r in rows if r["model"] == str(model)]
+    assert [r["pool"] for r in chance] == [r["pool"] for r in mine] == ["index", "unseen"]
+    tiles = load_tiles(build)
+    assert mine[0]["tiles"] == len(tiles)
+    assert mine[1]["tiles"] == sum(t.split != "train" for t in tiles)
+    for r in mine:
+        s = r["summary"]["p@10"]
+        assert 0 <= s["mean"] <= 1 and s["ci95"][0] <= s["mean"] <= s["ci95"][1]
+        assert 0 < s["chance"] < s["ceiling"] <= 1
+        assert s["chance"] == pytest.approx(chance[mine.index(r)]["summary"]["p@10"]["mean"])
+        assert r["answerable"] + len(r["unanswerable"]) == 30  # eval.yaml
+        like = r["like"]
+        assert set(like["by_class"]) == {
+            t.dominant for t in tiles if r["pool"] == "index" or t.split != "train"
+        }
+        assert 0 < like["chance"] < 1
     table = (tmp_path / "eval" / "table.md").read_text()
-    assert "recall@10" in table and str(model) in table
+    assert "random ranking (chance)" in table and "same class in top 10" in table
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["queries"] == len(load_tiles(build, "test"))
+    assert metrics["queries"] == 30 and metrics["queries_file"].endswith("eval.yaml")
 
 
 def test_rerank_reorders_only_the_top_5(index: Path, model: Path, embedder, build, tmp_path):

@@ -43,6 +43,10 @@ def default_backbone(tokenizer, compression: int = 2):
     """The offline default architecture at toy width (random MiniLM-shaped LM)."""
     spec = {
         "kind": "default",
+        "vision": "vit",
+        "pooling": "last",
+        "freeze_vision": False,
+        "freeze_lm": False,
         "image_size": 32,
         "patch_size": 4,
         "vision_width": 16,
@@ -59,6 +63,28 @@ def hf_spec(family: str, vocab: int, compression: int = 2) -> dict:
     text = {**small_lm(vocab), "num_key_value_heads": 1}
     vision = {k: text[k] for k in ("hidden_size", "num_attention_heads", "intermediate_size")}
     vision["num_hidden_layers"] = 1
+    if family == "qwen2_vl":
+        config = {  # GME / VLM2Vec-Qwen2VL are this class: patch 4, 2x2 merge, M-RoPE
+            "model_type": "qwen2_vl",
+            "vision_config": {
+                "depth": 1,
+                "embed_dim": 16,
+                "hidden_size": 32,
+                "num_heads": 2,
+                "patch_size": 4,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+            },
+            "text_config": {
+                **text,
+                "model_type": "qwen2_vl_text",
+                "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]},
+            },
+            "image_token_id": 1,
+            "vision_start_token_id": 2,
+            "vision_end_token_id": 3,
+        }
+        return {"kind": family, "hf_config": config, "compression": compression, "image_size": 32}
     if family == "internvl":
         config = {
             "model_type": "internvl",
@@ -208,6 +234,38 @@ def test_hf_backbone_compression_patch_and_training_path(family, tokenizer):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vision.parameters())
 
 
+def test_qwen2_vl_universal_embedders_with_compression(tokenizer):
+    """GME / VLM2Vec (Qwen2-VL) backbones: the LM is told the compressed grid (M-RoPE and
+    placeholders), the vision tower runs on the real one and its patch features are bilinearly
+    down-sampled in merge-window order before the 2x2 merge."""
+    from retrieval.backbones.hf import compress_qwen_tokens
+
+    torch.manual_seed(0)
+    counts = {}
+    for s in (1, 2):
+        backbone = create_backbone(
+            hf_spec("qwen2_vl", tokenizer.vocab_size, s), tokenizer=tokenizer
+        )
+        counts[s] = backbone.image_token_count()
+        embedder = TileEmbedder(backbone).eval()
+        z = embedder.embed_tiles(torch.rand(2, 3, 48, 48), ["trees", "roofs"])
+        assert z.shape == (2, 32) and torch.allclose(z.norm(dim=1), torch.ones(2), atol=1e-5)
+        assert embedder.embed_queries(["forest"]).shape == (1, 32)
+    assert counts == {1: 16, 2: 4}  # 8x8 patches -> merge 2x2: 16 tokens; VTC s=2 first: 4
+    backbone.train()
+    loss = backbone.lm_loss(torch.rand(2, 1, 3, 32, 32), ["describe"] * 2, ["trees", "a roof"], 16)
+    loss.backward()
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for p in backbone.model.model.visual.parameters()
+    )
+    # window order in, window order out: a constant-per-grid-cell image stays exact under 2x2 means
+    grid = torch.arange(16.0).view(1, 4, 4, 1)
+    window = grid.view(2, 2, 2, 2, 1).permute(0, 2, 1, 3, 4).reshape(16, 1)
+    out = compress_qwen_tokens(window, torch.tensor([[1, 4, 4]]), 2, 2)
+    assert out.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+
+
 def test_hf_embedder_round_trip(tokenizer, tmp_path):
     torch.manual_seed(0)
     spec = hf_spec("internvl", tokenizer.vocab_size)
@@ -250,19 +308,22 @@ def test_reranker_losses():
 
 
 def test_hard_negatives_never_include_the_positive_and_respect_ranks():
+    """Mining searches a faiss index (top hi+1 per query), never an n×n matrix."""
     rng = np.random.default_rng(0)
-    scores = torch.randn(300, 300)
+    tiles = F.normalize(torch.randn(300, 16), dim=1)
+    queries = F.normalize(torch.randn(300, 16), dim=1)
     positives = torch.randperm(300)
-    scores[torch.arange(300), positives] += 10  # positives rank first, as after training
-    mined = mine_hard_negatives(scores, positives, rng)
+    queries = F.normalize(queries + 3 * tiles[positives], dim=1)  # positives rank first
+    mined = mine_hard_negatives(queries, tiles, positives, rng)
     assert mined.shape == (300, 2)
     assert not bool((mined == positives.view(-1, 1)).any())
-    order = torch.argsort(scores, dim=1, descending=True)
+    order = torch.argsort(queries @ tiles.T, dim=1, descending=True)
     for q in range(300):
         ranks = [int((order[q] == c).nonzero()) - 1 for c in mined[q]]  # 0 = best negative
         assert all(50 <= r < 100 for r in ranks) and ranks[0] != ranks[1]
-    near = top_k(scores, positives, 20)
+    near = top_k(queries, tiles, positives, 20)
     assert near.shape == (300, 20) and not bool((near == positives.view(-1, 1)).any())
+    assert torch.equal(near[:, 0], order[:, 1])
 
 
 def test_mining_window_is_clipped_for_small_corpora():
@@ -270,7 +331,8 @@ def test_mining_window_is_clipped_for_small_corpora():
     assert mining_window(58, 2) == (29, 58)
     assert mining_window(3, 2) == (1, 3)
     assert mining_window(1, 2) == (0, 1)
-    small = mine_hard_negatives(torch.randn(4, 4), torch.arange(4), np.random.default_rng(0))
+    vecs = F.normalize(torch.randn(4, 8), dim=1)
+    small = mine_hard_negatives(vecs, vecs, torch.arange(4), np.random.default_rng(0))
     assert small.shape == (4, 2) and not bool((small == torch.arange(4).view(-1, 1)).any())
 
 
@@ -319,12 +381,45 @@ def test_reranker_scores_and_round_trip(tokenizer, tmp_path):
         load_reranker(tmp_path / "missing")
 
 
-def test_packaged_minilm_is_the_default_language_model():
-    embedder = create_embedder(
-        {"backbone": {"kind": "default", "lm_layers": 1, "vision_layers": 1, "vision_width": 32}}
+def test_the_default_is_pretrained_efficientnet_and_the_whole_minilm(tmp_path):
+    """Offline default: ImageNet EfficientNet-Lite1's 8x8 feature map -> VTC s=2 -> 16 tokens ->
+    all 6 MiniLM layers, both towers frozen (only the connector learns), mean pooling; frozen
+    features may be computed once (training) and give the same embedding as pixels."""
+    embedder = create_embedder({"backbone": {"kind": "default"}})
+    backbone = embedder.backbone
+    assert embedder.dim == 384 and embedder.visual_tokens() == 16
+    assert (
+        backbone.vision_name == "efficientnet-lite1" and backbone.lm.config.num_hidden_layers == 6
     )
-    assert embedder.dim == 384 and embedder.visual_tokens() == 16  # 64 px, patch 8, s = 2
-    assert Path(embedder.backbone.tokenizer.name_or_path) == minilm_path()
+    assert Path(backbone.tokenizer.name_or_path) == minilm_path()
+    trainable = {n.split(".")[0] for n, p in backbone.named_parameters() if p.requires_grad}
+    assert trainable == {"connector", "head", "head_bias"}
+    embedder.train()
+    assert not backbone.vision.training and not backbone.lm.training  # BN stats, no dropout
+    embedder.eval()
+    images = torch.rand(2, 3, 64, 64)
+    features = embedder.tile_features(images)
+    assert features.shape == (2, 64, 1280)
+    assert torch.allclose(
+        embedder.embed_features(features), embedder.embed_tiles(images), atol=1e-5
+    )
+    embedder.save(tmp_path / "emb")
+    loaded = load_embedder(tmp_path / "emb", device="cpu")
+    assert loaded.fingerprint == embedder.fingerprint
+    assert torch.allclose(loaded.embed_tiles(images), embedder.embed_tiles(images), atol=1e-5)
+    # the text side is the packaged sentence encoder: paraphrases sit closer than other words
+    q = embedder.embed_queries(["dense woods", "a thick forest", "a parking lot"])
+    assert q[0] @ q[1] > q[0] @ q[2]
+
+
+@pytest.mark.parametrize("tower", ["efficientnet-lite0", "efficientnet-lite2", "geoembed"])
+def test_other_pretrained_towers_build(tower):
+    embedder = create_embedder(
+        {"backbone": {"kind": "default", "vision": tower, "image_size": 128}}
+    )
+    tokens = 16 if tower == "geoembed" else 4  # 16x16 (stride 8) or 4x4 (stride 32), then s = 2
+    assert embedder.visual_tokens() == tokens
+    assert embedder.eval().embed_tiles(torch.rand(1, 3, 64, 64)).shape == (1, 384)
 
 
 def test_lora_trains_adapters_only_and_merges_back(tokenizer):

@@ -22,6 +22,10 @@ MICRO = {
     "model": {
         "backbone": {
             "kind": "default",
+            "vision": "vit",
+            "pooling": "last",
+            "freeze_lm": False,
+            "freeze_vision": False,
             "image_size": 32,
             "patch_size": 8,
             "vision_width": 32,

@@ -1,4 +1,4 @@
-"""Retrieval backbones: the offline default (ViT + MiniLM) and Hugging Face MLLMs, both with VTC."""
+"""Retrieval backbones: the offline default (CNN + MiniLM) and Hugging Face MLLMs, all with VTC."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from retrieval.backbones.base import Backbone
 
-KINDS = ("default", "internvl", "idefics3")
+KINDS = ("default", "internvl", "idefics3", "qwen2_vl")
 
 
 def create_backbone(spec: dict[str, Any], tokenizer: Any = None) -> Backbone:

@@ -17,6 +17,9 @@ from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+POOLINGS = ("last", "mean")
+"""How a sequence becomes one vector: the last real token (an LLM's summary position, the
+paper's choice) or the mean over real tokens (what sentence encoders such as MiniLM learnt)."""
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, side: str) -> tuple[Tensor, Tensor]:
@@ -47,6 +50,12 @@ def last_token_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return hidden[rows, last_positions(mask)]
 
 
+def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """(B, L, H) -> (B, H) mean over the real tokens (padding on either side is ignored)."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 def position_ids(mask: Tensor) -> Tensor:
     """Positions counted over real tokens only, so left padding does not shift them."""
     return (mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -66,6 +75,13 @@ class Backbone(nn.Module):
     compression: int
     lora_targets: tuple[str, ...] = ()
     lm_attr: str = ""  # dotted path of the language model (LoRA wraps it)
+    pooling: str = "last"
+    caches_vision: bool = False
+    """True when `visual_features` is frozen, so training may compute it once per tile."""
+
+    def visual_features(self, pixels: Tensor) -> Tensor:
+        """(N, 3, H, W) preprocessed pixels -> (N, tokens, C) uncompressed visual tokens."""
+        raise NotImplementedError(f"{type(self).__name__} computes visual tokens internally")
 
     def image_token_count(self) -> int:
         raise NotImplementedError
@@ -78,10 +94,16 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def _forward(
-        self, ids: Tensor, mask: Tensor, pixels: Tensor | None, causal_start: Tensor | None
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        pixels: Tensor | None,
+        causal_start: Tensor | None,
+        features: Tensor | None = None,
     ) -> Tensor:
         """Last-layer hidden states (B, L, H). Tokens at or after `causal_start` (B,) see only
-        earlier tokens (stage-1 targets); None = the model's own attention pattern."""
+        earlier tokens (stage-1 targets); None = the model's own attention pattern. `features`
+        (B, M, tokens, C) = precomputed `visual_features` instead of `pixels`."""
         raise NotImplementedError
 
     def lm_logits(self, hidden: Tensor, token_ids: list[int] | None = None) -> Tensor:
@@ -121,9 +143,14 @@ class Backbone(nn.Module):
         return [self._prefix_ids() + slot + self._text_ids(t, limit) for t in texts]
 
     def _run(
-        self, images: Tensor | None, seqs: list[list[int]], target_lengths: list[int] | None = None
+        self,
+        images: Tensor | None,
+        seqs: list[list[int]],
+        target_lengths: list[int] | None = None,
+        features: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(hidden (B, L, H), mask (B, L)) of padded `seqs` with `images` (B, M, 3, H, W)."""
+        """(hidden (B, L, H), mask (B, L)) of padded `seqs` with `images` (B, M, 3, H, W) or
+        their precomputed `features` (B, M, tokens, C)."""
         device = next(self.parameters()).device
         ids, mask = pad_batch(seqs, self.tokenizer.pad_token_id, self.tokenizer.padding_side)
         ids, mask = ids.to(device), mask.to(device)
@@ -131,13 +158,25 @@ class Backbone(nn.Module):
         if target_lengths is not None:
             causal_start = last_positions(mask) + 1 - torch.tensor(target_lengths, device=device)
         pixels = None if images is None else self.preprocess(images.to(device))
+        if features is not None:
+            return self._forward(ids, mask, None, causal_start, features.to(device)), mask
         return self._forward(ids, mask, pixels, causal_start), mask
 
-    def hidden(self, images: Tensor | None, texts: list[str], max_text_tokens: int) -> Tensor:
-        """Hidden state of the summary token appended after `[images; text]`: (B, hidden)."""
-        n = 0 if images is None else images.shape[1]
+    def hidden(
+        self,
+        images: Tensor | None,
+        texts: list[str],
+        max_text_tokens: int,
+        features: Tensor | None = None,
+    ) -> Tensor:
+        """The sequence `[images; text; summary token]` pooled (`pooling`): (B, hidden).
+        `features` (B, M, tokens, C) may stand in for `images` (see `visual_features`)."""
+        source = images if features is None else features
+        n = 0 if source is None else source.shape[1]
         seqs = [[*s, self.summary_id()] for s in self._sequences(n, texts, max_text_tokens)]
-        hidden, mask = self._run(images, seqs)
+        hidden, mask = self._run(images, seqs, features=features)
+        if self.pooling == "mean":
+            return mean_pool(hidden, mask)
         return last_token_pool(hidden, mask)
 
     def next_token_logits(

