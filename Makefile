@@ -35,7 +35,7 @@ demo: venv
 	$(BIN)/geoseg train-retrieval --config configs/retrieval-tiny.yaml --data $(DEMO)/data \
 	  --out $(DEMO)/retrieval
 	$(BIN)/geoseg index --data $(DEMO)/data --model $(DEMO)/retrieval --out $(DEMO)/index --no-progress
-	$(BIN)/geoseg search "tall trees with some bare ground" --index $(DEMO)/index --k 10 \
+	$(BIN)/geoseg search "coniferous forest" --index $(DEMO)/index --k 10 \
 	  --out $(DEMO)/hits.geojson
 	@echo "demo outputs: $(DEMO)/data/report.md, $(DEMO)/data/preview.png, $(DEMO)/eval/metrics.json, $(DEMO)/pred.tif"
 	@echo "tile search: $(DEMO)/hits.geojson, $(DEMO)/hits.png"

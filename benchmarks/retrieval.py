@@ -1,4 +1,5 @@
-"""Retrieval efficiency: visual tokens and embedding speed for s = 1 vs 2, search latency at 10⁶.
+"""Retrieval efficiency: visual tokens and embedding speed for s = 1 vs 2, search latency and
+hard-negative mining at 10⁶ tiles.
 
 1. Visual tokens per tile of the embedder for s = 1 (no compression) and s = 2; s = 2 must give
    exactly 1/4 (papers.md §2.9: InternVL3 256 → 64 per 448-px tile).
@@ -21,6 +22,10 @@
     .venv/bin/python benchmarks/retrieval.py              # ≈ 15 min on 2 busy cores, ~5 GiB RAM
     .venv/bin/python benchmarks/retrieval.py --quick      # 10⁵ vectors, fewer repetitions
     .venv/bin/python benchmarks/retrieval.py --only embed # embedding rows only (no faiss needed)
+    .venv/bin/python benchmarks/retrieval.py --only mine  # mining at 10⁶ tiles (time, memory)
+
+4. Mining at 10⁶ tiles (clustered corpus, dim 384): faiss IVF over all tiles, 20 000 caption
+   queries ranked to depth 101, 2 negatives each from ranks 50-100; time, CPU rate and peak RSS.
 """
 
 from __future__ import annotations
@@ -51,21 +56,14 @@ DIM = 384
 QUERY = "tall trees and some bare ground on flat terrain"
 
 CPU_CONFIGS: dict[str, dict[str, Any]] = {
-    "default 64 px (tiny)": {
-        "image_size": 64,
-        "patch_size": 8,
-        "vision_width": 96,
-        "vision_layers": 2,
-        "vision_heads": 4,
-        "lm_layers": 2,
-    },
-    "default 224 px / patch 14": {
+    "default: EfficientNet-Lite1 256 px": {"vision": "efficientnet-lite1", "image_size": 256},
+    "ViT 224 px / patch 14 (ablation)": {
+        "vision": "vit",
         "image_size": 224,
         "patch_size": 14,
         "vision_width": 384,
         "vision_layers": 6,
         "vision_heads": 6,
-        "lm_layers": 6,
     },
 }
 
@@ -201,7 +199,7 @@ def print_row(r: dict[str, Any]) -> None:
     )
 
 
-PARTS = ("embed", "search")
+PARTS = ("embed", "search", "mine")
 CLUSTERS = 4096
 SPREAD = 1.0
 """Clustered corpus: noise norm relative to a unit centre (member–centre cosine ≈ 0.7)."""
@@ -355,6 +353,49 @@ def _exact_filtered(
     return out
 
 
+def mining_rows(n: int, queries: int) -> list[dict[str, Any]]:
+    """Global hard-negative mining over `n` tiles through faiss (retrieval.mining): every
+    candidate indexed, `queries` captions ranked to depth 101 and 2 negatives drawn from ranks
+    50-100; wall/CPU time and peak RSS of the process. The time for all n queries is the
+    measured rate times n (queries are independent); the n×n float32 score matrix the old code
+    built is given for comparison."""
+    import resource
+
+    from retrieval.mining import mine_hard_negatives
+
+    tiles, _ = corpus(n, 1, "clustered")
+    rng = np.random.default_rng(2)
+    pick = rng.choice(n, queries, replace=False)
+    noise = rng.standard_normal((queries, DIM), dtype=np.float32) * (0.5 / np.sqrt(DIM))
+    caps = unit(tiles[pick] + noise)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    c0, t0 = time.process_time(), time.perf_counter()
+    mined = mine_hard_negatives(caps, tiles, pick, rng)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    assert mined.shape == (queries, 2) and not (mined.numpy() == pick[:, None]).any()
+    row = {
+        "tiles": n,
+        "queries_measured": queries,
+        "index": "flat" if n <= 50_000 else "ivf",
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "queries_per_cpu_s": queries / cpu,
+        "all_queries_cpu_h_estimate": n / (queries / cpu) / 3600,
+        "peak_rss_gib": rss,
+        "rss_before_gib": rss0,
+        "dense_score_matrix_gib": n * n * 4 / 2**30,
+    }
+    print(
+        f"mining {n} tiles, {queries} queries: {wall:.1f} s wall, {cpu:.1f} s CPU "
+        f"({row['queries_per_cpu_s']:.0f} queries/CPU-s; "
+        f"all {n}: ~{row['all_queries_cpu_h_estimate']:.2f} CPU-h), "
+        f"peak RSS {rss:.2f} GiB (dense n×n matrix: {row['dense_score_matrix_gib']:.0f} GiB)",
+        flush=True,
+    )
+    return [row]
+
+
 def machine() -> dict[str, Any]:
     return {
         "cpu": cpu_model(),
@@ -373,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", choices=PARTS, help="run one part [both]")
     p.add_argument("--vectors", type=int, help="search benchmark size [10⁶; quick 10⁵]")
     p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--mine-queries", type=int, default=20_000, help="captions mined (mine part)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for retrieval-PART.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # see `timed`: oversubscribed threads only add waiting
@@ -381,6 +423,12 @@ def main(argv: list[str] | None = None) -> None:
     for part in [args.only] if args.only else PARTS:
         if part == "embed":
             rows = embedding_rows(args.quick)
+        elif part == "mine":
+            import faiss
+
+            info["faiss"] = faiss.__version__
+            n = args.vectors or (100_000 if args.quick else 1_000_000)
+            rows = mining_rows(n, min(n, args.mine_queries))
         else:
             import faiss
 

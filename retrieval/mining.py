@@ -13,6 +13,8 @@ and the index is exact up to `retrieval.index.FLAT_MAX` candidates, IVF above.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -31,31 +33,40 @@ def mining_window(n_negatives: int, k: int, lo: int = 50, hi: int = 100) -> tupl
     return start, stop
 
 
-def ranked_negatives(
+def ranked_chunks(
     queries: np.ndarray | Tensor,
     candidates: np.ndarray | Tensor,
     positives: np.ndarray | Tensor,
     k: int,
     chunk: int = 4096,
-) -> np.ndarray:
-    """(Q, min(k, C-1)) candidate indices by descending inner product, each query's positive
-    (`positives` (Q,), a candidate index) removed. Searched through faiss in query chunks."""
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(first query, (chunk, min(k, C-1)) candidate indices by descending inner product) per
+    chunk of queries, each query's positive (`positives` (Q,), a candidate index) removed.
+    One faiss index over the candidates; callers keep only what they need of each chunk."""
     from retrieval.index import FLAT_MAX, make_faiss
 
     cands = np.ascontiguousarray(_numpy(candidates), dtype=np.float32)
     index = make_faiss(cands, "flat" if len(cands) <= FLAT_MAX else "ivf")
     positives = _numpy(positives).astype(np.int64)
-    depth = min(k + 1, len(cands))
-    keep = min(k, len(cands) - 1)
-    out = np.empty((len(positives), keep), dtype=np.int64)
+    depth, keep = min(k + 1, len(cands)), min(k, len(cands) - 1)
     for start in range(0, len(positives), chunk):
         q = np.ascontiguousarray(_numpy(queries[start : start + chunk]), dtype=np.float32)
         _, rows = index.search(q, depth)
-        pos = positives[start : start + chunk, None]
-        for i, (row, p) in enumerate(zip(rows, pos, strict=True)):
-            row = row[(row != p[0]) & (row >= 0)]
-            out[start + i] = row[:keep]
-    return out
+        out = np.empty((len(rows), keep), dtype=np.int64)
+        for i, (row, p) in enumerate(zip(rows, positives[start : start + chunk], strict=True)):
+            row = row[(row != p) & (row >= 0)]
+            out[i] = row[:keep]
+        yield start, out
+
+
+def ranked_negatives(
+    queries: np.ndarray | Tensor,
+    candidates: np.ndarray | Tensor,
+    positives: np.ndarray | Tensor,
+    k: int,
+) -> np.ndarray:
+    """(Q, min(k, C-1)) candidate indices by descending score, positives removed."""
+    return np.concatenate([rows for _, rows in ranked_chunks(queries, candidates, positives, k)])
 
 
 def mine_hard_negatives(
@@ -68,13 +79,16 @@ def mine_hard_negatives(
     hi: int = 100,
 ) -> Tensor:
     """(Q, min(k, C-1)) hard negatives per query, sampled without replacement from the ranks
-    `mining_window` gives; never the query's positive."""
-    n_negatives = len(candidates) - 1
-    start, stop = mining_window(n_negatives, k, lo, hi)
-    ranked = ranked_negatives(queries, candidates, positives, stop)
+    `mining_window` gives; never the query's positive. Memory: the candidate vectors, one
+    chunk of rankings and the (Q, k) answer."""
+    start, stop = mining_window(len(candidates) - 1, k, lo, hi)
     take = min(k, stop - start)
-    picks = np.stack([rng.choice(np.arange(start, stop), take, replace=False) for _ in ranked])
-    return torch.from_numpy(np.take_along_axis(ranked, picks, axis=1))
+    out = np.empty((len(positives), take), dtype=np.int64)
+    for first, ranked in ranked_chunks(queries, candidates, positives, stop):
+        # `take` distinct ranks per query: the first columns of a random permutation each
+        picks = rng.random((len(ranked), stop - start)).argsort(axis=1)[:, :take] + start
+        out[first : first + len(ranked)] = np.take_along_axis(ranked, picks, axis=1)
+    return torch.from_numpy(out)
 
 
 def top_k(

@@ -226,7 +226,7 @@ def summarise(per_query: Sequence[Mapping[str, float]], seed: int = 0) -> dict[s
     """Mean, 95 % bootstrap interval and mean chance level of every metric."""
     out: dict[str, Any] = {}
     for key in per_query[0] if per_query else ():
-        if key.startswith(("chance_", "ceiling_")):
+        if f"chance_{key}" not in per_query[0]:  # ids, counts, the levels themselves
             continue
         values = [q[key] for q in per_query]
         out[key] = {

@@ -417,7 +417,7 @@ def test_other_pretrained_towers_build(tower):
     embedder = create_embedder(
         {"backbone": {"kind": "default", "vision": tower, "image_size": 128}}
     )
-    tokens = 16 if tower == "geoembed" else 4  # 16x16 (stride 8) or 4x4 (stride 32), then s = 2
+    tokens = 64 if tower == "geoembed" else 4  # 16x16 (stride 8) or 4x4 (stride 32), then s = 2
     assert embedder.visual_tokens() == tokens
     assert embedder.eval().embed_tiles(torch.rand(1, 3, 64, 64)).shape == (1, 384)
 

@@ -140,3 +140,32 @@ def test_checkpoint_file_indexes_and_searches_the_sample(vit_b32, sample_build: 
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert like.returncode == 0, like.stderr
+
+
+@pytest.mark.slow
+def test_openclip_teacher_is_distilled_in_train_retrieval(vit_b32, sample_build: Path, tmp_path):
+    """train-retrieval with `teacher:` adds the relational KD term (its caption-tile score
+    distribution); the KD loss is zero only when student and teacher rank alike."""
+    from retrieval.losses import relational_kd
+    from retrieval.train import train_retrieval
+
+    scores = torch.randn(4, 4)
+    assert relational_kd(scores, scores).item() == pytest.approx(0.0, abs=1e-6)
+    assert relational_kd(scores, scores.T).item() > 0
+    path, _ = vit_b32
+    config = {
+        "model": {
+            "backbone": {"kind": "default", "vision": "vit", "image_size": 32, "patch_size": 8,
+                         "vision_width": 32, "vision_layers": 1, "vision_heads": 2, "lm_layers": 1},
+            "max_text_tokens": 24,
+        },
+        "generative": {"steps": 0},
+        "contrastive": {"batch_size": 3},
+        "judge": {"steps": 0},
+        "reranker": {"steps": 0},
+        "teacher": {"model": f"open_clip:ViT-B-32:{path}"},
+        "train": {"device": "cpu", "log_every": 1, "augment": 1, "caption_bank": 2},
+    }  # fmt: skip
+    out = train_retrieval(config, sample_build, tmp_path / "run", max_steps=1)
+    losses = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("stage") == "contrastive" and "loss" in r for r in losses)

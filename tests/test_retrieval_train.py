@@ -108,3 +108,33 @@ def test_bad_data_fails_before_writing_the_run(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="build-dataset"):
         train_retrieval(MICRO, tmp_path / "missing", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_frozen_towers_train_only_the_connector_from_cached_features(sample_build, tmp_path):
+    """The default recipe: frozen vision and text towers, features and caption vectors
+    computed once and reused, faiss mining; only the connector (and LM head) change."""
+    config = {
+        **MICRO,
+        "model": {
+            "backbone": {**MICRO["model"]["backbone"], "freeze_lm": True, "freeze_vision": True},
+            "max_text_tokens": 24,
+        },
+        "generative": {"steps": 0},
+        "reranker": {"steps": 0},
+        "train": {"device": "cpu", "log_every": 1, "augment": 2, "caption_bank": 3},
+    }
+    out = train_retrieval(config, sample_build, tmp_path / "run", max_steps=2)
+    assert stage_events(out) == [
+        ("generative", "skipped"),
+        ("contrastive", "done"),
+        ("judge", "done"),
+        ("reranker", "skipped"),
+    ]
+    assert not (out / "reranker").exists()
+    torch.manual_seed(0)
+    from retrieval.embedder import create_embedder
+
+    start = create_embedder(config["model"]).state_dict()
+    trained = load_embedder(out / "embedder", device="cpu").state_dict()
+    changed = {k.split(".")[1] for k in trained if not torch.equal(trained[k], start[k])}
+    assert changed == {"connector"}
