@@ -1,8 +1,9 @@
 """Package the QGIS plugin and install it into a QGIS profile, pointed at this environment.
 
-The plugin's copy of `geoseg/protocol.py` is refreshed from the engine's on every package, so
-the one protocol definition stays in geoseg; `engine.json` in the package records the Python
-of the environment that packaged it, which is the engine the plugin then runs.
+The plugin's copies of the standard-library modules it shares with the engine (`SHARED`: the
+protocol, and the torch-free checkpoint reader) are refreshed from geoseg's on every package, so
+each is defined once, in geoseg; `engine.json` in the package records the Python of the
+environment that packaged it, which is the engine the plugin then runs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from geoseg.builder.writers import atomic_path
 
 PLUGIN = "geoseg_qgis"
 SKIP = {"__pycache__", "engine.json"}
+SHARED = ("protocol.py", "checkpoint_info.py")
 
 
 class QgisInstallError(RuntimeError):
@@ -55,15 +57,15 @@ def package(out: Path, engine_python: str | None = None) -> Path:
     With `engine_python`, the zip carries engine.json naming it as the plugin's engine.
     """
     source = plugin_source()
-    protocol = Path(__file__).with_name("protocol.py")
     out = Path(out)
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(source.rglob("*")):
             relative = path.relative_to(source)
-            if path.is_dir() or SKIP & set(relative.parts) or path.name == "protocol.py":
+            if path.is_dir() or SKIP & set(relative.parts) or relative.as_posix() in SHARED:
                 continue
             zf.write(path, f"{PLUGIN}/{relative.as_posix()}")
-        zf.write(protocol, f"{PLUGIN}/protocol.py")
+        for name in SHARED:
+            zf.write(Path(__file__).with_name(name), f"{PLUGIN}/{name}")
         if engine_python:
             engine = {"engine_python": engine_python, "geoseg": __version__}
             zf.writestr(f"{PLUGIN}/engine.json", json.dumps(engine, indent=2) + "\n")

@@ -29,7 +29,12 @@ from geoseg.protocol import (
     message,
     request,
 )
-from qgis_plugin.geoseg_qgis.engine_client import EngineError, run_engine
+from qgis_plugin.geoseg_qgis.engine_client import (
+    EngineError,
+    EngineProcess,
+    WarmEngine,
+    run_engine,
+)
 
 ROOT = Path(__file__).parents[1]
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
@@ -90,6 +95,100 @@ def test_decode_ignores_noise_and_rejects_bad_lines() -> None:
 def test_options_argv() -> None:
     args = {"max_steps": 4, "no_progress": True, "dry": False, "vector": None, "bbox": [1, 2, 3, 4]}
     assert options_argv(args) == ["--max-steps", "4", "--no-progress", "--bbox", "1", "2", "3", "4"]
+    repeated = options_argv({"points": ["a.laz", "b.laz"]}, frozenset({"points"}))
+    assert repeated == ["--points", "a.laz", "--points", "b.laz"]
+
+
+def test_one_engine_serves_request_after_request(engine_env: dict[str, str]) -> None:
+    """The warm engine: one process answers several requests; stdin closed, it exits."""
+    engine = EngineProcess(PYTHON, engine_env)
+    try:
+        first = engine.request(request("diagnostics"), lambda m: None)["outputs"]["pid"]
+        bad = request("describe", {"checkpoint": "/nonexistent/last.ckpt"})
+        with pytest.raises(EngineError, match="checkpoint not found") as info:
+            engine.request(bad, lambda m: None)
+        assert info.value.code == "bad_input" and "RUN/checkpoints/last.ckpt" in str(info.value)
+        again = engine.request(request("diagnostics"), lambda m: None)["outputs"]["pid"]
+        assert first == again == engine.pid and engine.alive()
+    finally:
+        engine.close()
+    assert engine.proc.returncode == 0  # the last reply was a result
+
+
+def test_warm_engine_restarts_after_a_crash(engine_env: dict[str, str]) -> None:
+    warm = WarmEngine()
+    try:
+        first = warm.run(PYTHON, request("diagnostics"), lambda m: None, env=engine_env)
+        pid = first["outputs"]["pid"]
+        assert warm.pid == pid
+        os.kill(pid, 9)
+        time.sleep(0.3)
+        second = warm.run(PYTHON, request("diagnostics"), lambda m: None, env=engine_env)
+        assert second["outputs"]["pid"] not in (pid, None) and warm.pid == second["outputs"]["pid"]
+    finally:
+        warm.close()
+    assert warm.pid is None
+
+
+def test_bad_checkpoint_is_answered_without_torch(
+    engine_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The engine checks a checkpoint argument before any heavy import: with torch made
+    unimportable it still answers a wrong path with the one-line error and its fix (before:
+    only after ~14 s of start-up, or a torch `weights_only` paragraph for a foreign file)."""
+    (tmp_path / "site" / "sitecustomize.py").write_text("import sys; sys.modules['torch'] = None\n")
+    foreign = tmp_path / "notes.ckpt"
+    foreign.write_text("not a model")
+    cases = {
+        tmp_path / "missing.ckpt": "checkpoint not found",
+        foreign: "is not a geoseg checkpoint (not a torch zip archive)",
+    }
+    for path, text in cases.items():
+        args = {"checkpoint": str(path), "image": str(tmp_path), "out": str(tmp_path / "c.tif")}
+        reply, _ = collect(PYTHON, request("predict", args), engine_env)
+        assert isinstance(reply, EngineError) and reply.code == "bad_input", reply
+        assert text in reply.args[0] and "\n" not in reply.args[0] and reply.fix
+
+
+FINISHED_THEN_CANCELLED = r"""
+import json, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+sys.stdin.readline()
+def line(msg): return "@geoseg-protocol " + json.dumps(msg)
+print(line({"v": 1, "type": "progress", "percent": 100.0, "stage": "predicting"}), flush=True)
+time.sleep(0.5)
+print(line({"v": 1, "type": "result", "op": "predict", "summary": "predicted", "outputs": {}}),
+      flush=True)
+time.sleep(2)
+"""
+
+
+def test_work_finished_before_a_cancel_is_kept(tmp_path: Path) -> None:
+    """Cancel pressed while the engine finishes (here: after its last progress message): its
+    result is returned, not "cancelled" (fails before: the finished prediction was discarded)."""
+    script = tmp_path / "engine.py"
+    script.write_text(FINISHED_THEN_CANCELLED)
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nexec {PYTHON} {script}\n")
+    python.chmod(0o755)
+    cancel = threading.Event()
+
+    def on_message(msg: dict[str, Any]) -> None:
+        if msg["type"] == "progress":
+            cancel.set()
+
+    reply = run_engine(str(python), request("predict"), on_message, cancel.is_set, grace_s=5)
+    assert reply["type"] == "result" and reply["summary"] == "predicted"
+
+
+def test_engine_without_geoseg_gets_the_install_fix(tmp_path: Path) -> None:
+    """Python prints `No module named 'geoseg'` (quoted): the error says how to fix it."""
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\nexec /usr/bin/python3 -I "$@"\n')
+    python.chmod(0o755)
+    with pytest.raises(EngineError) as info:
+        run_engine(str(python), request("diagnostics"), lambda m: None)
+    assert info.value.code == "missing" and "geoseg qgis install" in str(info.value)
 
 
 def test_diagnostics_through_stdout_noise(engine_env: dict[str, str]) -> None:
@@ -112,7 +211,7 @@ def test_errors_are_reported_and_remembered(engine_env: dict[str, str], tmp_path
         == f"{tmp_path}/index.parquet not found; is {tmp_path} a geoseg build-dataset output?"
     )
     unknown, _ = collect(PYTHON, request("fly", {}), engine_env)
-    assert unknown.code == "bad_input" and "it knows: diagnostics" in str(unknown)
+    assert unknown.code == "bad_input" and "it knows: describe, diagnostics" in str(unknown)
     report, _ = collect(PYTHON, request("diagnostics"), engine_env)
     assert report["outputs"]["last_error"]["op"] == "fly"
 

@@ -45,6 +45,7 @@ from rasterio.windows import bounds as window_bounds
 from rasterio.windows import transform as window_transform
 from shapely.geometry import shape
 from torch import nn
+from tqdm import tqdm
 
 from geoseg.builder.points import FIELDS as SCENE_POINT_FIELDS
 from geoseg.builder.writers import atomic_path, write_json
@@ -193,6 +194,7 @@ def predict(
     vector: str | Path | None = None,
     device: str = AUTO,
     datetime: str | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Write the class-map COG `out` (+ `<out stem>.json` STAC Item, optional GeoPackage).
 
@@ -252,9 +254,12 @@ def predict(
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             staging = Path(tmp) / "classes.tif"
-            with rasterio.open(staging, "w", **profile) as dst:
+            with (
+                rasterio.open(staging, "w", **profile) as dst,
+                tqdm(total=engine.bands(), desc="predicting", disable=not progress) as bar,
+            ):
                 dst.write_colormap(1, colormap)
-                engine.run(dst)
+                engine.run(dst, bar)
             with rasterio.open(staging) as staged, atomic_path(out) as final:
                 rio_copy(
                     staged, final, driver="COG", COMPRESS="DEFLATE",
@@ -344,15 +349,20 @@ class _Engine:
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=on_gpu):
             return self.model(batch)["logits"].float().cpu().numpy()
 
-    def run(self, dst: DatasetWriter) -> None:
+    def bands(self) -> int:
+        """Row bands `run` predicts (the progress total): rows of windows per column block."""
+        blocks = -(-self.src.width // COLUMN_BLOCK)
+        return blocks * len(window_offsets(self.src.height, self.size, self.stride))
+
+    def run(self, dst: DatasetWriter, bar: tqdm) -> None:
         """Predict the scene column block by column block (see `COLUMN_BLOCK`)."""
         width, size = self.src.width, self.size
         cols = window_offsets(width, size, self.stride)
         for c0 in range(0, width, COLUMN_BLOCK):
             c1 = min(width, c0 + COLUMN_BLOCK)
-            self._run_block(dst, [c for c in cols if c < c1 and c + size > c0], c0, c1)
+            self._run_block(dst, [c for c in cols if c < c1 and c + size > c0], c0, c1, bar)
 
-    def _run_block(self, dst: DatasetWriter, cols: list[int], c0: int, c1: int) -> None:
+    def _run_block(self, dst: DatasetWriter, cols: list[int], c0: int, c1: int, bar: tqdm) -> None:
         """Columns [c0, c1) of the scene, from every window that touches them (`cols`)."""
         src, size = self.src, self.size
         x0, height = cols[0], src.height
@@ -392,6 +402,7 @@ class _Engine:
             labels = predict_labels(torch.from_numpy(blended), dim=0).numpy().astype(np.uint8)
             labels[nodata[owned] | ~covered] = 0
             dst.write(labels, 1, window=Window(c0, top, c1 - c0, done))
+            bar.update(1)
             for buffer in (logit_sum, weight_sum, nodata):  # slide the band down by `done` rows
                 buffer[..., : size - done, :] = buffer[..., done:, :]
                 buffer[..., size - done :, :] = 0
