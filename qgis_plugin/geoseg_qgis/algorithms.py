@@ -1,9 +1,13 @@
-"""Processing algorithms: each checks its QGIS inputs, then runs one engine request.
+"""Processing algorithms: each checks its QGIS inputs, then runs engine requests.
 
 They work the same from the Toolbox, the Model Builder, batch mode, `qgis_process` and the
-plugin's toolbar buttons (which only open these algorithms' dialogs). Work happens in the engine
-subprocess, so the algorithms are safe in Processing's background thread; Cancel reaches the
-engine through `feedback.isCanceled()`.
+plugin's own dialogs (which run these algorithms as background tasks). Work happens in the
+engine subprocess (the session's warm engine, see `engine_client`), so the algorithms are safe in
+Processing's background thread; Cancel reaches the engine through `feedback.isCanceled()`.
+
+A checkpoint is checked in QGIS before any engine starts (`checkpoint_info`, no torch): a wrong
+path or a file that is not a geoseg model fails at once with one line and its fix. Outputs default
+to the outputs folder (`settings.output_folder`), not to temporary files.
 """
 
 from __future__ import annotations
@@ -16,13 +20,12 @@ from typing import Any
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
-    QgsPalettedRasterRenderer,
+    QgsPointCloudLayer,
     QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
-    QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputFile,
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
@@ -34,6 +37,7 @@ from qgis.core import (
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterFolderDestination,
     QgsProcessingParameterNumber,
+    QgsProcessingParameterPointCloudLayer,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
@@ -41,15 +45,19 @@ from qgis.core import (
     QgsProcessingUtils,
     QgsRasterLayer,
 )
-from qgis.PyQt.QtGui import QColor
 
 from . import settings
-from .engine_client import EngineError, run_engine
+from .checkpoint_info import FIX, CheckpointInfoError, describe
+from .engine_client import WARM, EngineError, run_engine
 from .protocol import request
+from .styling import ClassStyler, OutlineStyler, native_footprints
 
 WGS84 = QgsCoordinateReferenceSystem("EPSG:4326")
 CATALOGS = ("planetary-computer", "sample")
+# Where a point model's LiDAR or a build's data comes from, besides a layer or a file.
+SOURCES = ("none", "sample", "planetary-computer", "STAC API URL")
 SPLITS = ("test", "val", "train")
+POINT_FILES = "LAS/LAZ/COPC point clouds (*.las *.laz *.LAS *.LAZ)"
 Params = dict[str, Any]
 
 
@@ -89,9 +97,10 @@ class GeosegAlgorithm(QgsProcessingAlgorithm):
             elif msg["type"] == "log":
                 feedback.pushConsoleInfo(str(msg.get("message", "")))
 
-        feedback.pushInfo(f"geoseg engine: {op} {json.dumps(args)}")
+        feedback.pushDebugInfo(f"geoseg engine: {op} {json.dumps(args)}")
+        run = WARM.run if settings.keep_engine() else run_engine
         try:
-            reply = run_engine(
+            reply = run(
                 settings.engine_python(),
                 request(op, args, settings.device(), positional),
                 relay,
@@ -100,7 +109,19 @@ class GeosegAlgorithm(QgsProcessingAlgorithm):
         except EngineError as exc:
             raise QgsProcessingException(f"geoseg {op}: {exc}") from None
         feedback.pushInfo(reply.get("summary", ""))
+        if feedback.isCanceled():
+            feedback.pushInfo("it finished before the cancel took effect: the result is kept")
         return reply.get("outputs", {})
+
+    def checkParameterValues(self, params: Params, context: QgsProcessingContext) -> Any:
+        """Processing's checks, then the checkpoint's (no engine needed: one line at once)."""
+        ok, problem = super().checkParameterValues(params, context)
+        if ok and self.parameterDefinition("CHECKPOINT") is not None:
+            try:
+                describe(self.parameterAsFile(params, "CHECKPOINT", context))
+            except CheckpointInfoError as exc:
+                return False, f"{exc}\nFix: {FIX}"
+        return ok, problem
 
 
 def _optional_int(alg: QgsProcessingAlgorithm, params: Params, name: str, ctx: Any) -> int | None:
@@ -113,12 +134,78 @@ def _optional_float(
     return alg.parameterAsDouble(params, name, ctx) if params.get(name) not in (None, "") else None
 
 
+def _add_data_source(alg: QgsProcessingAlgorithm, optional: bool) -> None:
+    """DATA (a build folder) or, when it is empty, a catalog to build one from first."""
+    alg.addParameter(
+        QgsProcessingParameterFile(
+            "DATA",
+            "Dataset folder (a geoseg build)" + (" [or build from a catalog]" if optional else ""),
+            behavior=QgsProcessingParameterFile.Folder,
+            optional=optional,
+        )
+    )
+    if optional:
+        alg.addParameter(
+            QgsProcessingParameterEnum(
+                "CATALOG", "...or build it first from", SOURCES, defaultValue=0
+            )
+        )
+        alg.addParameter(
+            QgsProcessingParameterString("STAC_URL", "STAC API URL [settings]", optional=True)
+        )
+        alg.addParameter(
+            QgsProcessingParameterExtent("EXTENT", "Region to build (extent)", optional=True)
+        )
+        alg.addParameter(
+            QgsProcessingParameterNumber("MAX_TILES", "At most N tiles", optional=True)
+        )
+
+
+def _source(alg: QgsProcessingAlgorithm, params: Params, context: Any) -> Params:
+    """The catalog choice as engine args: {}, {"catalog": ...} or {"stac_url": ...}."""
+    choice = SOURCES[alg.parameterAsEnum(params, "CATALOG", context)]
+    if choice == "none":
+        return {}
+    if choice == "STAC API URL":
+        url = alg.parameterAsString(params, "STAC_URL", context).strip() or settings.stac_url()
+        return {"stac_url": url}
+    return {"catalog": choice}
+
+
+def _data(alg: GeosegAlgorithm, params: Params, context: Any, feedback: Any, out: str) -> str:
+    """The build folder to train or evaluate on: DATA, or one built first into OUT/data."""
+    data = alg.parameterAsFile(params, "DATA", context)
+    if data:
+        return data
+    source = _source(alg, params, context)
+    if not source:
+        raise QgsProcessingException("pick a dataset folder, or a catalog to build one from")
+    args: Params = {**source, "out": str(Path(out) / "data")}
+    if source.get("catalog") != "sample":
+        args["bbox"] = _bbox(alg, params, context)
+    args["max_tiles"] = _optional_int(alg, params, "MAX_TILES", context)
+    feedback.pushInfo(f"building the dataset first: {args['out']}")
+    alg.engine("build-dataset", args, feedback)
+    return args["out"]
+
+
+def _bbox(alg: QgsProcessingAlgorithm, params: Params, context: Any) -> list[float]:
+    """The EXTENT parameter as a lon/lat W S E N list (a non-empty one is required)."""
+    extent = (
+        alg.parameterAsExtent(params, "EXTENT", context, WGS84) if params.get("EXTENT") else None
+    )
+    if extent is None or extent.isNull() or extent.isEmpty():
+        raise QgsProcessingException("the extent is empty: draw or pick a non-empty one")
+    return [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
+
+
 class BuildDatasetAlgorithm(GeosegAlgorithm):
     NAME, LABEL = "builddataset", "Build dataset"
     HELP = (
         "Builds NAIP + 3DEP LiDAR training tiles (image, label, DSM, points) for a region: an "
         "extent, polygons (selected features only if ticked), a county name or CA. The 'sample' "
-        "catalog is the embedded offline region. Rerunning finishes an interrupted build."
+        "catalog is the embedded offline region. Rerunning finishes an interrupted build. The "
+        "tiles' footprints are added to the map as outlines in their own CRS."
     )
 
     def initAlgorithm(self, config: Params | None = None) -> None:
@@ -145,7 +232,11 @@ class BuildDatasetAlgorithm(GeosegAlgorithm):
         )
         for name, label in (("TILE_SIZE", "Tile size (px)"), ("MAX_TILES", "At most N tiles")):
             self.addParameter(QgsProcessingParameterNumber(name, label, optional=True))
-        self.addParameter(QgsProcessingParameterFolderDestination("OUTPUT", "Dataset folder"))
+        self.addParameter(
+            QgsProcessingParameterFolderDestination(
+                "OUTPUT", "Dataset folder", settings.output_path("data")
+            )
+        )
         self.addOutput(QgsProcessingOutputVectorLayer("TILES", "Tiles"))
 
     def processAlgorithm(
@@ -158,15 +249,7 @@ class BuildDatasetAlgorithm(GeosegAlgorithm):
         if region:
             args["region"] = region
         if params.get("EXTENT"):
-            extent = self.parameterAsExtent(params, "EXTENT", context, WGS84)
-            if extent.isNull() or extent.isEmpty():
-                raise QgsProcessingException("the extent is empty: draw or pick a non-empty one")
-            args["bbox"] = [
-                extent.xMinimum(),
-                extent.yMinimum(),
-                extent.xMaximum(),
-                extent.yMaximum(),
-            ]
+            args["bbox"] = _bbox(self, params, context)
         if params.get("AOI"):
             args["aoi"] = self._aoi_file(params, context)
         stac = self.parameterAsString(params, "STAC_URL", context).strip()
@@ -177,8 +260,10 @@ class BuildDatasetAlgorithm(GeosegAlgorithm):
         args["gsd"] = _optional_float(self, params, "GSD", context)
         if sum(k in args for k in ("region", "bbox", "aoi")) > 1:
             raise QgsProcessingException("give only one of extent, polygons or county/CA")
-        outputs = self.engine("build-dataset", args, feedback)
-        return {"OUTPUT": out, "TILES": outputs.get("tiles", "")}
+        tiles = self.engine("build-dataset", args, feedback).get("tiles", "")
+        if tiles:
+            load_footprints(tiles, context)
+        return {"OUTPUT": out, "TILES": tiles}
 
     def _aoi_file(self, params: Params, context: QgsProcessingContext) -> str:
         """The AOI polygons as lon/lat GeoJSON in Processing's temp folder."""
@@ -201,22 +286,37 @@ class BuildDatasetAlgorithm(GeosegAlgorithm):
         return str(path)
 
 
+def load_footprints(tiles: str, context: QgsProcessingContext) -> list[str]:
+    """Load a build's footprints when the run ends: native-CRS outlines where the footprints
+    carry their native bounds, else the footprints file as it is (outlined either way)."""
+    uris = native_footprints(tiles) or [tiles]
+    for uri in uris:
+        name = "geoseg tiles" + (f" ({uri.rsplit('_', 1)[-1]})" if len(uris) > 1 else "")
+        details = QgsProcessingContext.LayerDetails(name, context.project(), "TILES")
+        details.setPostProcessor(OutlineStyler(uri))
+        context.addLayerToLoadOnCompletion(uri, details)
+    return uris
+
+
 class TrainAlgorithm(GeosegAlgorithm):
     NAME, LABEL = "train", "Train model"
     HELP = (
-        "Trains a model on a built dataset with a geoseg config YAML. Rerunning with the same "
-        "output folder resumes from its last checkpoint; Cancel keeps the checkpoints so far."
+        "Trains a model on a built dataset with a geoseg config YAML (IKD-Net reads the build's "
+        "LiDAR itself). Without a dataset folder it first builds one from the chosen catalog "
+        "(the embedded sample, Planetary Computer or a STAC API, within the extent). Rerunning "
+        "with the same output folder resumes from its last checkpoint; Cancel keeps the "
+        "checkpoints so far."
     )
 
     def initAlgorithm(self, config: Params | None = None) -> None:
         self.addParameter(QgsProcessingParameterFile("CONFIG", "Config YAML", extension="yaml"))
+        _add_data_source(self, optional=True)
+        self.addParameter(QgsProcessingParameterNumber("MAX_STEPS", "Max steps", optional=True))
         self.addParameter(
-            QgsProcessingParameterFile(
-                "DATA", "Dataset folder", behavior=QgsProcessingParameterFile.Folder
+            QgsProcessingParameterFolderDestination(
+                "OUTPUT", "Run folder", settings.output_path("run")
             )
         )
-        self.addParameter(QgsProcessingParameterNumber("MAX_STEPS", "Max steps", optional=True))
-        self.addParameter(QgsProcessingParameterFolderDestination("OUTPUT", "Run folder"))
         self.addOutput(QgsProcessingOutputFile("CHECKPOINT", "Latest checkpoint"))
 
     def processAlgorithm(
@@ -225,7 +325,7 @@ class TrainAlgorithm(GeosegAlgorithm):
         out = self.parameterAsString(params, "OUTPUT", context)
         args = {
             "config": self.parameterAsFile(params, "CONFIG", context),
-            "data": self.parameterAsFile(params, "DATA", context),
+            "data": _data(self, params, context, feedback, out),
             "max_steps": _optional_int(self, params, "MAX_STEPS", context),
             "out": out,
         }
@@ -233,49 +333,68 @@ class TrainAlgorithm(GeosegAlgorithm):
         return {"OUTPUT": out, "CHECKPOINT": outputs.get("checkpoint", "")}
 
 
-class ClassStyler(QgsProcessingLayerPostProcessorInterface):
-    """Names the palette entries of a segmented layer from the class map's STAC Item."""
+def point_cloud_files(layer: QgsPointCloudLayer) -> list[str]:
+    """The files behind a point cloud layer, for the engine (which reads LAS/LAZ/COPC).
 
-    def __init__(self, item_path: str) -> None:
-        super().__init__()
-        self.item_path = item_path
-
-    def postProcessLayer(self, layer: Any, context: Any, feedback: Any) -> None:
-        if isinstance(layer, QgsRasterLayer):
-            style_classes(layer, self.item_path)
-
-
-def style_classes(layer: QgsRasterLayer, item_path: str) -> None:
-    """Paletted renderer with class names and colours (the COG's palette has colours only)."""
-    try:
-        item = json.loads(Path(item_path).read_text())
-    except (OSError, ValueError):
-        return
-    sources = [item.get("properties", {}), *item.get("assets", {}).values()]
-    classes = next(
-        (s["classification:classes"] for s in sources if "classification:classes" in s), []
-    )
-    entries = [
-        QgsPalettedRasterRenderer.Class(int(c["value"]), QColor("#" + c["color_hint"]), c["name"])
-        for c in classes
-        if not c.get("nodata") and "color_hint" in c
-    ]
-    if entries:
-        layer.setRenderer(QgsPalettedRasterRenderer(layer.dataProvider(), 1, entries))
-        layer.triggerRepaint()
+    LAS/LAZ/COPC layers (PDAL and COPC providers) are their file. An EPT layer is its
+    `ept-data/` LAZ files, or, for the `ept_<name>/` index QGIS's PDAL provider writes beside
+    a LAS/LAZ file, that original file.
+    """
+    source = layer.source().split("|")[0]
+    path = Path(source)
+    if layer.providerType() != "ept":
+        if not path.is_file():
+            raise QgsProcessingException(f"{layer.name()} is not a local point cloud file")
+        return [source]
+    folder = path.parent
+    if folder.name.startswith("ept_"):
+        originals = [
+            folder.parent / f"{folder.name[4:]}{ext}" for ext in (".laz", ".las", ".copc.laz")
+        ]
+        found = [str(p) for p in originals if p.is_file()]
+        if found:
+            return found[:1]
+    nodes = sorted(str(p) for p in (folder / "ept-data").glob("*.laz"))
+    if not nodes:
+        raise QgsProcessingException(f"{layer.name()}: no LAZ files in {folder / 'ept-data'}")
+    return nodes
 
 
 class SegmentAlgorithm(GeosegAlgorithm):
     NAME, LABEL = "segment", "Segment raster layer"
     HELP = (
-        "Classifies a raster layer (file-backed, bands and pixel size as the checkpoint expects) "
-        "with an image-only checkpoint, optionally only within an extent. Writes a class map "
-        "GeoTIFF (styled with class names) and, if asked, class polygons."
+        "Classifies a raster layer (file-backed, bands and pixel size as the checkpoint expects), "
+        "optionally only within an extent. Models that read LiDAR (IKD-Net, RandLA-Net, early "
+        "fusion) take the scene's points from a point cloud layer, a LAS/LAZ/COPC file or a STAC "
+        "catalog (the embedded sample, Planetary Computer or a STAC API URL). Writes a class map "
+        "GeoTIFF whose legend shows the model's class names and, if asked, class polygons."
     )
 
     def initAlgorithm(self, config: Params | None = None) -> None:
-        self.addParameter(QgsProcessingParameterFile("CHECKPOINT", "Checkpoint", extension="ckpt"))
+        self.addParameter(
+            QgsProcessingParameterFile(
+                "CHECKPOINT", "Checkpoint", extension="ckpt", defaultValue=_last("checkpoint")
+            )
+        )
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Raster layer"))
+        self.addParameter(
+            QgsProcessingParameterPointCloudLayer(
+                "POINTS", "LiDAR: point cloud layer", optional=True
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterFile(
+                "POINTS_FILE", "LiDAR: LAS/LAZ/COPC file", fileFilter=POINT_FILES, optional=True
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterEnum(
+                "CATALOG", "LiDAR: from a STAC catalog", SOURCES, defaultValue=0
+            )
+        )
+        self.addParameter(
+            QgsProcessingParameterString("STAC_URL", "STAC API URL [settings]", optional=True)
+        )
         self.addParameter(QgsProcessingParameterExtent("EXTENT", "Only within", optional=True))
         self.addParameter(
             QgsProcessingParameterNumber(
@@ -288,7 +407,11 @@ class SegmentAlgorithm(GeosegAlgorithm):
                 0.9,
             )
         )
-        self.addParameter(QgsProcessingParameterRasterDestination("OUTPUT", "Class map"))
+        self.addParameter(
+            QgsProcessingParameterRasterDestination(
+                "OUTPUT", "Class map", settings.output_path("classes.tif")
+            )
+        )
         self.addParameter(
             QgsProcessingParameterVectorDestination(
                 "OUTPUT_VECTOR", "Class polygons", optional=True, createByDefault=False
@@ -306,22 +429,56 @@ class SegmentAlgorithm(GeosegAlgorithm):
         source = layer.source().split("|")[0]
         if layer.providerType() != "gdal" or not os.path.isfile(source):
             raise QgsProcessingException(f"{layer.name()} is not a local raster file")
+        checkpoint = self.parameterAsFile(params, "CHECKPOINT", context)
+        model = describe(checkpoint)
+        points = self._points(params, context)
+        if model["needs_points"] and not points:
+            raise QgsProcessingException(
+                f"model {model['model']!r} reads LiDAR: pick its point cloud layer, a "
+                "LAS/LAZ/COPC file or a STAC catalog for the scene's points"
+            )
+        if model["needs_points"] is False and points:
+            feedback.pushWarning(f"model {model['model']!r} reads no LiDAR: the points are unused")
+            points = {}
         if params.get("EXTENT"):
             source = self._clip(layer, source, params, context)
         out = self.parameterAsOutputLayer(params, "OUTPUT", context)
         vector = self.parameterAsOutputLayer(params, "OUTPUT_VECTOR", context) or None
         args = {
-            "checkpoint": self.parameterAsFile(params, "CHECKPOINT", context),
+            "checkpoint": checkpoint,
             "image": source,
+            **points,
             "overlap": self.parameterAsDouble(params, "OVERLAP", context),
             "vector": vector,
             "out": out,
         }
         self.engine("predict", args, feedback)
-        item = str(Path(out).with_suffix(".json"))
+        settings.remember("checkpoint", checkpoint)
         if context.willLoadLayerOnCompletion(out):
-            context.layerToLoadOnCompletionDetails(out).setPostProcessor(ClassStyler(item))
+            context.layerToLoadOnCompletionDetails(out).setPostProcessor(ClassStyler(out))
         return {"OUTPUT": out, "OUTPUT_VECTOR": vector or ""}
+
+    def _points(self, params: Params, context: QgsProcessingContext) -> Params:
+        """The scene's LiDAR as engine args (at most one source), {} when none is given."""
+        found: list[Params] = []
+        if params.get("POINTS"):
+            layer = self.parameterAsPointCloudLayer(params, "POINTS", context)
+            if layer is None or not layer.isValid():
+                raise QgsProcessingException("POINTS is not a valid point cloud layer")
+            found.append({"points": point_cloud_files(layer)})
+        path = self.parameterAsFile(params, "POINTS_FILE", context)
+        if path:
+            if not os.path.isfile(path):
+                raise QgsProcessingException(f"point cloud file not found: {path}")
+            found.append({"points": [path]})
+        catalog = _source(self, params, context)
+        if catalog:
+            found.append(catalog)
+        if len(found) > 1:
+            raise QgsProcessingException(
+                "give the LiDAR once: a point cloud layer, a file or a catalog"
+            )
+        return found[0] if found else {}
 
     def _clip(self, layer: QgsRasterLayer, source: str, params: Params, ctx: Any) -> str:
         from osgeo import gdal  # QGIS's own GDAL bindings, no engine code
@@ -340,17 +497,25 @@ class SegmentAlgorithm(GeosegAlgorithm):
 
 class EvaluateAlgorithm(GeosegAlgorithm):
     NAME, LABEL = "evaluate", "Evaluate checkpoint"
-    HELP = "Per-class IoU/F1, mIoU, OA and kappa of a checkpoint on a split of a built dataset."
+    HELP = (
+        "Per-class IoU/F1, mIoU, OA and kappa of a checkpoint on a split of a built dataset "
+        "(point models read the build's LiDAR). Without a dataset folder it first builds one "
+        "from the chosen catalog, within the extent."
+    )
 
     def initAlgorithm(self, config: Params | None = None) -> None:
-        self.addParameter(QgsProcessingParameterFile("CHECKPOINT", "Checkpoint", extension="ckpt"))
         self.addParameter(
             QgsProcessingParameterFile(
-                "DATA", "Dataset folder", behavior=QgsProcessingParameterFile.Folder
+                "CHECKPOINT", "Checkpoint", extension="ckpt", defaultValue=_last("checkpoint")
             )
         )
+        _add_data_source(self, optional=True)
         self.addParameter(QgsProcessingParameterEnum("SPLIT", "Split", SPLITS, defaultValue=0))
-        self.addParameter(QgsProcessingParameterFolderDestination("OUTPUT", "Output folder"))
+        self.addParameter(
+            QgsProcessingParameterFolderDestination(
+                "OUTPUT", "Output folder", settings.output_path("evaluation")
+            )
+        )
         self.addOutput(QgsProcessingOutputFile("METRICS", "metrics.json"))
         self.addOutput(QgsProcessingOutputNumber("MIOU", "mIoU"))
 
@@ -360,13 +525,20 @@ class EvaluateAlgorithm(GeosegAlgorithm):
         out = self.parameterAsString(params, "OUTPUT", context)
         args = {
             "checkpoint": self.parameterAsFile(params, "CHECKPOINT", context),
-            "data": self.parameterAsFile(params, "DATA", context),
+            "data": _data(self, params, context, feedback, out),
             "split": SPLITS[self.parameterAsEnum(params, "SPLIT", context)],
             "out": out,
         }
         metrics = self.engine("evaluate", args, feedback).get("metrics", "")
         miou = json.loads(Path(metrics).read_text())["pixels"]["miou"] if metrics else None
+        settings.remember("checkpoint", args["checkpoint"])
         return {"OUTPUT": out, "METRICS": metrics, "MIOU": miou}
+
+
+def _last(name: str) -> str | None:
+    """A remembered path as a parameter default, if it still exists."""
+    value = settings.remembered(name)
+    return value if value and os.path.exists(value) else None
 
 
 class IndexAlgorithm(GeosegAlgorithm):
@@ -384,7 +556,11 @@ class IndexAlgorithm(GeosegAlgorithm):
             )
         )
         self.addParameter(QgsProcessingParameterString("MODEL", "Retrieval model (folder or id)"))
-        self.addParameter(QgsProcessingParameterFolderDestination("OUTPUT", "Index folder"))
+        self.addParameter(
+            QgsProcessingParameterFolderDestination(
+                "OUTPUT", "Index folder", settings.output_path("index")
+            )
+        )
 
     def processAlgorithm(
         self, params: Params, context: QgsProcessingContext, feedback: QgsProcessingFeedback
@@ -416,7 +592,9 @@ class SearchAlgorithm(GeosegAlgorithm):
         )
         self.addParameter(QgsProcessingParameterNumber("K", "Hits", defaultValue=12, minValue=1))
         self.addParameter(
-            QgsProcessingParameterFileDestination("OUTPUT", "Hits", "GeoJSON (*.geojson)")
+            QgsProcessingParameterFileDestination(
+                "OUTPUT", "Hits", "GeoJSON (*.geojson)", settings.output_path("hits.geojson")
+            )
         )
 
     def processAlgorithm(
@@ -461,6 +639,29 @@ class DiagnosticsAlgorithm(GeosegAlgorithm):
         return {"REPORT": json.dumps(report), "DEVICE": report.get("device", "")}
 
 
+class DescribeAlgorithm(GeosegAlgorithm):
+    NAME, LABEL = "describe", "Describe checkpoint"
+    HELP = (
+        "What a checkpoint is: model, bands, pixel size, tile size, classes, metrics and whether "
+        "it reads LiDAR, from its run's model card or its contract (read without the engine; "
+        "the engine is asked only whether it reads LiDAR when neither says)."
+    )
+
+    def initAlgorithm(self, config: Params | None = None) -> None:
+        self.addParameter(QgsProcessingParameterFile("CHECKPOINT", "Checkpoint", extension="ckpt"))
+        self.addOutput(QgsProcessingOutputString("REPORT", "Description (JSON)"))
+        self.addOutput(QgsProcessingOutputNumber("NEEDS_POINTS", "Reads LiDAR (1/0)"))
+
+    def processAlgorithm(
+        self, params: Params, context: QgsProcessingContext, feedback: QgsProcessingFeedback
+    ) -> Params:
+        checkpoint = self.parameterAsFile(params, "CHECKPOINT", context)
+        info = describe(checkpoint)
+        if info["needs_points"] is None:
+            info = self.engine("describe", {"checkpoint": checkpoint}, feedback)
+        return {"REPORT": json.dumps(info), "NEEDS_POINTS": int(bool(info["needs_points"]))}
+
+
 ALGORITHMS = (
     BuildDatasetAlgorithm,
     TrainAlgorithm,
@@ -469,4 +670,5 @@ ALGORITHMS = (
     IndexAlgorithm,
     SearchAlgorithm,
     DiagnosticsAlgorithm,
+    DescribeAlgorithm,
 )

@@ -1,71 +1,46 @@
-"""Toolbar, menu, settings dialog, diagnostics and the search dock.
+"""Toolbar, menu, the plugin's windows and the search dock.
 
-The buttons are thin: each opens the matching Processing algorithm's dialog, pre-filled from the
-map (canvas extent, selected polygons, active raster layer), so the run gets Processing's
-background task, progress bar, log and Cancel for free. Nothing here imports the engine.
+Each button opens one window, kept while it exists and raised again on the next click (a window
+Qt has already deleted is never touched: its wrapper is dropped). Build dataset opens the
+Processing dialog, pre-filled from the map; Segment, Train and Evaluate open the plugin's own
+dialogs, which run the same Processing algorithms in the background. Nothing here imports the
+engine; the session's warm engine is stopped when the plugin unloads (QGIS quits).
 """
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 from typing import Any
 
-from qgis.core import (
-    QgsApplication,
-    QgsMapLayerType,
-    QgsProcessingAlgRunnerTask,
-    QgsProcessingContext,
-    QgsProcessingFeedback,
-    QgsRasterLayer,
-    QgsVectorLayer,
-    QgsWkbTypes,
-)
+from qgis.core import QgsApplication, QgsRasterLayer, QgsVectorLayer, QgsWkbTypes
+from qgis.PyQt import sip
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
-from qgis.PyQt.QtWidgets import (
-    QAction,
-    QComboBox,
-    QDialog,
-    QDialogButtonBox,
-    QFormLayout,
-    QLineEdit,
-    QMessageBox,
-    QWidget,
-)
+from qgis.PyQt.QtWidgets import QAction, QWidget
 
-from . import settings
-from .provider import ICON, GeosegProvider
+from .dialogs import DiagnosticsDialog, EvaluateDialog, SegmentDialog, SettingsDialog, TrainDialog
+from .engine_client import WARM
+from .model_manager import ModelManagerDialog
+from .provider import GeosegProvider
 from .search_dock import SearchDock
 
 MENU = "&geoseg"
+ICONS = Path(__file__).with_name("icons")
+# key, label, tooltip; the toolbar shows all but settings, each with its own icon and text.
+ACTIONS = (
+    ("build", "Build dataset", "Build NAIP + LiDAR training tiles for the map extent or polygons"),
+    ("train", "Train", "Train a model (IKD-Net or a baseline) on a dataset"),
+    ("evaluate", "Evaluate", "Measure a model on a split of a dataset"),
+    ("segment", "Segment", "Classify a raster layer with a model (with its LiDAR if it reads it)"),
+    ("search", "Search tiles", "Find tiles by text or by a tile like them"),
+    ("models", "Models", "Your trained runs and checkpoints with their model cards"),
+    ("diagnostics", "Diagnostics", "Engine, versions and the device it really uses"),
+    ("settings", "Settings...", "Engine Python, device, STAC API, outputs folder"),
+)
 
 
-class SettingsDialog(QDialog):
-    """Engine Python, device and default STAC URL."""
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setWindowTitle("geoseg settings")
-        form = QFormLayout(self)
-        self.engine = QLineEdit(settings.engine_python())
-        self.engine.setPlaceholderText("/path/to/geoseg-env/bin/python")
-        self.device = QComboBox()
-        self.device.addItems(settings.DEVICES)
-        self.device.setCurrentText(settings.device())
-        self.stac = QLineEdit(settings.stac_url())
-        form.addRow("Engine Python", self.engine)
-        form.addRow("Device", self.device)
-        form.addRow("Default STAC API", self.stac)
-        buttons = QDialogButtonBox(
-            QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel
-        )
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        form.addRow(buttons)
-
-    def accept(self) -> None:
-        settings.save(self.engine.text(), self.device.currentText(), self.stac.text())
-        super().accept()
+def icon(key: str) -> QIcon:
+    return QIcon(str(ICONS / f"{key}.svg"))
 
 
 class GeosegPlugin:
@@ -75,8 +50,7 @@ class GeosegPlugin:
         self.actions: dict[str, QAction] = {}
         self.toolbar = None
         self.dock: SearchDock | None = None
-        self.dialogs: list[QWidget] = []
-        self.task: QgsProcessingAlgRunnerTask | None = None
+        self.windows: dict[str, QWidget] = {}
 
     def initProcessing(self) -> None:
         if self.provider is None:
@@ -87,34 +61,44 @@ class GeosegPlugin:
         self.initProcessing()
         self.toolbar = self.iface.addToolBar("geoseg")
         self.toolbar.setObjectName("GeosegToolbar")
-        for key, label, slot in (
-            ("build", "Build dataset", self.build_dataset),
-            ("train", "Train", lambda: self.open_algorithm("train")),
-            ("segment", "Segment layer", self.segment_layer),
-            ("search", "Search tiles", self.toggle_search),
-            ("settings", "Settings...", self.show_settings),
-            ("diagnostics", "Diagnostics", self.diagnostics),
-        ):
-            action = QAction(QIcon(str(ICON)), label, self.iface.mainWindow())
+        self.toolbar.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        slots = {
+            "build": self.build_dataset,
+            "train": lambda: self.show("train", lambda: TrainDialog(self.iface, self._main())),
+            "evaluate": lambda: self.show("evaluate", lambda: self._with_models(EvaluateDialog)),
+            "segment": self.segment_layer,
+            "search": self.toggle_search,
+            "models": self.model_manager,
+            "diagnostics": self.diagnostics,
+            "settings": lambda: self.show("settings", lambda: SettingsDialog(self._main())),
+        }
+        for key, label, tip in ACTIONS:
+            action = QAction(icon(key), label, self._main())
             action.setObjectName(f"geoseg_{key}")
-            action.triggered.connect(slot)
+            action.setToolTip(tip)
+            action.triggered.connect(slots[key])
             self.iface.addPluginToMenu(MENU, action)
             if key != "settings":
                 self.toolbar.addAction(action)
             self.actions[key] = action
-        self.dock = SearchDock(self.iface, self.iface.mainWindow())
+        self.dock = SearchDock(self.iface, self._main())
         self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
         self.dock.hide()
+
+    def _main(self) -> QWidget:
+        return self.iface.mainWindow()
 
     def unload(self) -> None:
         for action in self.actions.values():
             self.iface.removePluginMenu(MENU, action)
             action.deleteLater()
         self.actions.clear()
-        for dialog in self.dialogs:
-            dialog.close()
-        self.dialogs.clear()
+        for window in self._live().values():
+            window.close()
+            window.deleteLater()
+        self.windows.clear()
         if self.dock is not None:
+            self.dock.clear_highlight()
             self.iface.removeDockWidget(self.dock)
             self.dock.deleteLater()
             self.dock = None
@@ -124,15 +108,42 @@ class GeosegPlugin:
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
+        WARM.close()
 
-    def open_algorithm(self, name: str, params: dict[str, Any] | None = None) -> QWidget:
-        """Show the algorithm's Processing dialog (non-modal), pre-filled with `params`."""
+    def _live(self) -> dict[str, QWidget]:
+        """The windows Qt has not deleted (a closed Processing dialog deletes itself)."""
+        self.windows = {k: w for k, w in self.windows.items() if not sip.isdeleted(w)}
+        return self.windows
+
+    def show(self, key: str, create: Any) -> QWidget:
+        """The window `key` (created by `create()` unless it still exists), shown and raised."""
+        window = self._live().get(key)
+        if window is None:
+            window = self.windows[key] = create()
+        window.show()
+        window.raise_()
+        window.activateWindow()
+        return window
+
+    def _with_models(self, kind: type) -> QWidget:
+        """A dialog with a model picker whose Models... button opens the model manager."""
+        dialog = kind(self.iface, self._main())
+        dialog.model.manage.connect(self.model_manager)
+        return dialog
+
+    def open_algorithm(
+        self, name: str, params: dict[str, Any] | None = None, key: str | None = None
+    ) -> QWidget:
+        """A fresh Processing dialog of `geoseg:<name>` (non-modal), pre-filled with `params`,
+        kept as window `key` (default: `name`)."""
         import processing
 
+        key = key or name
+        old = self._live().pop(key, None)
+        if old is not None:
+            old.close()
         dialog = processing.createAlgorithmDialog(f"geoseg:{name}", params or {})
-        dialog.show()
-        self.dialogs = [d for d in self.dialogs if d.isVisible()] + [dialog]
-        return dialog
+        return self.show(key, lambda: dialog)
 
     def build_dataset(self) -> QWidget:
         """Region: selected polygons of the active layer if any, else the canvas extent."""
@@ -142,7 +153,7 @@ class GeosegPlugin:
             and layer.geometryType() == QgsWkbTypes.PolygonGeometry
             and layer.selectedFeatureCount()
         ):
-            params = {"AOI": layer}
+            params: dict[str, Any] = {"AOI": layer}
         else:
             canvas = self.iface.mapCanvas()
             crs = canvas.mapSettings().destinationCrs().authid()
@@ -151,42 +162,39 @@ class GeosegPlugin:
                 "EXTENT": f"{extent.xMinimum()},{extent.xMaximum()},{extent.yMinimum()},"
                 f"{extent.yMaximum()} [{crs}]"
             }
-        return self.open_algorithm("builddataset", params)
+        return self.open_algorithm("builddataset", params, key="build")
 
     def segment_layer(self) -> QWidget:
-        layer = self.iface.activeLayer()
-        params = {"INPUT": layer} if isinstance(layer, QgsRasterLayer) else {}
-        if layer is not None and layer.type() != QgsMapLayerType.RasterLayer:
-            self.iface.messageBar().pushWarning("geoseg", "pick a raster layer to segment")
-        return self.open_algorithm("segment", params)
+        """The Segment dialog, on the active raster layer when there is one."""
+        window = self.show("segment", lambda: self._with_models(SegmentDialog))
+        active = self.iface.activeLayer()
+        if isinstance(active, QgsRasterLayer):
+            window.layer.setLayer(active)
+        return window
+
+    def model_manager(self) -> QWidget:
+        window = self.show("models", lambda: ModelManagerDialog(self._main()))
+        if not getattr(window, "_wired", False):
+            window.chosen.connect(self._model_chosen)
+            window._wired = True
+        else:
+            window.refresh()
+        return window
+
+    def _model_chosen(self, path: str) -> None:
+        for key in ("segment", "evaluate"):
+            window = self._live().get(key)
+            if window is not None:
+                window.model.refresh(path)
 
     def toggle_search(self) -> None:
         if self.dock is not None:
             self.dock.setVisible(self.dock.isHidden())
 
-    def show_settings(self) -> QDialog:
-        dialog = SettingsDialog(self.iface.mainWindow())
-        dialog.show()
-        self.dialogs.append(dialog)
-        return dialog
-
-    def diagnostics(self) -> None:
-        """Run geoseg:diagnostics in the background and show its report when it is done."""
-        if self.task is not None:
-            return
-        algorithm = QgsApplication.processingRegistry().createAlgorithmById("geoseg:diagnostics")
-        self.context, self.feedback = QgsProcessingContext(), QgsProcessingFeedback()
-        self.task = QgsProcessingAlgRunnerTask(algorithm, {}, self.context, self.feedback)
-        self.task.executed.connect(self._diagnosed)
-        QgsApplication.taskManager().addTask(self.task)
-
-    def _diagnosed(self, ok: bool, results: dict[str, Any]) -> None:
-        self.task = None
-        if ok:
-            text = json.dumps(json.loads(results["REPORT"]), indent=2)
-        else:
-            text = f"The geoseg engine did not answer.\n\n{self.feedback.textLog()[-2000:]}"
-        box = QMessageBox(QMessageBox.Icon.Information, "geoseg diagnostics", text)
-        box.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        box.show()
-        self.dialogs.append(box)
+    def diagnostics(self) -> QWidget:
+        """A fresh report each time (the engine may have changed)."""
+        old = self._live().pop("diagnostics", None)
+        if old is not None:
+            old.close()
+            old.deleteLater()
+        return self.show("diagnostics", lambda: DiagnosticsDialog(self._main()))

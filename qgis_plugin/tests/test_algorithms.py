@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, run_alg
+from conftest import ROOT, run_alg, wait_for
 from qgis.core import (
     QgsProcessingException,
     QgsProcessingFeatureSourceDefinition,
@@ -36,15 +36,38 @@ def test_no_engine_imports_in_qgis(provider: Any) -> None:
 
 
 def test_build_dataset_tiles_layer(sample_data: Path) -> None:
+    """The footprints come back as outlines in each tile's own CRS (squares), one table per
+    CRS, styled without fill when Processing loads them."""
     tiles = QgsVectorLayer(str(sample_data / "tiles.geojson"), "tiles", "ogr")
     assert tiles.isValid() and 0 < tiles.featureCount() <= 24
     assert (sample_data / "report.md").exists()
+    gpkg = sample_data / "footprints.gpkg"
+    from osgeo import ogr
+
+    source = ogr.Open(str(gpkg))
+    tables = [source.GetLayer(i).GetName() for i in range(source.GetLayerCount())]
+    source = None
+    total = 0
+    for table in tables:
+        layer = QgsVectorLayer(f"{gpkg}|layername={table}", table, "ogr")
+        assert layer.isValid() and not layer.crs().isGeographic()
+        assert table == "tiles_" + layer.crs().authid().replace(":", "_").lower()
+        for feature in layer.getFeatures():
+            box = feature.geometry().boundingBox()
+            assert feature.geometry().area() == pytest.approx(box.width() * box.height())
+        total += layer.featureCount()
+    assert total == tiles.featureCount()
 
 
 def test_build_dataset_from_selected_polygon(
     provider: Any, sample_data: Path, tmp_path: Path
 ) -> None:
-    """Only the selected polygon is the AOI: the build covers that tile's neighbourhood."""
+    """Only the selected polygon is the AOI: the build covers that tile's neighbourhood. Run
+    and loaded as the Processing dialog does: the footprints are added in their own CRS,
+    outline only."""
+    import processing
+    from qgis.PyQt.QtCore import Qt
+
     tiles = QgsVectorLayer(str(sample_data / "tiles.geojson"), "tiles", "ogr")
     QgsProject.instance().addMapLayer(tiles)
     first = next(tiles.getFeatures())
@@ -52,9 +75,17 @@ def test_build_dataset_from_selected_polygon(
     aoi = QgsProcessingFeatureSourceDefinition(tiles.id(), selectedFeaturesOnly=True)
     try:
         params = {"AOI": aoi, "CATALOG": 1, "MAX_TILES": 4, "OUTPUT": str(tmp_path)}
-        result = run_alg("builddataset", params)
+        result = processing.runAndLoadResults("geoseg:builddataset", params)
+        loaded = [
+            lyr
+            for lyr in QgsProject.instance().mapLayers().values()
+            if lyr.name().startswith("geoseg tiles")
+        ]
+        assert loaded and all(not lyr.crs().isGeographic() for lyr in loaded)
+        for layer in loaded:
+            assert layer.renderer().symbol().symbolLayer(0).brushStyle() == Qt.BrushStyle.NoBrush
     finally:
-        QgsProject.instance().removeMapLayer(tiles.id())
+        QgsProject.instance().removeAllMapLayers()
     built = QgsVectorLayer(result["TILES"], "built", "ogr")
     assert built.isValid() and 1 <= built.featureCount() <= 4  # the tile and its neighbours
     polygon = first.geometry()
@@ -87,28 +118,36 @@ def test_train_writes_checkpoint(checkpoint: Path) -> None:
     assert (checkpoint.parents[1] / "config.yaml").exists()
 
 
-def test_segment_layer(provider: Any, checkpoint: Path, scene: Path, tmp_path: Path) -> None:
+def test_segment_layer_loads_with_named_legend(
+    provider: Any, checkpoint: Path, scene: Path, tmp_path: Path
+) -> None:
+    """Run and load as the Processing dialog does (the outputs' post-processors are called after
+    the run): the legend shows class names, not 0-255. Fails before: the post-processor was
+    garbage-collected before QGIS called it, which then ran a bare base class."""
+    import processing
+
     out, vector = tmp_path / "classes.tif", tmp_path / "classes.gpkg"
     layer = QgsRasterLayer(str(scene), "scene")
-    result = run_alg(
-        "segment",
-        {
-            "CHECKPOINT": str(checkpoint),
-            "INPUT": str(scene),
-            "OUTPUT": str(out),
-            "OUTPUT_VECTOR": str(vector),
-        },
-    )
-    classes = QgsRasterLayer(result["OUTPUT"], "classes")
-    assert classes.isValid() and classes.bandCount() == 1
-    assert classes.width() == layer.width() and classes.crs() == layer.crs()
-    assert QgsVectorLayer(result["OUTPUT_VECTOR"], "polygons", "ogr").isValid()
-
-    from geoseg_qgis.algorithms import style_classes
-
-    style_classes(classes, str(out.with_suffix(".json")))
-    labels = [c.label for c in classes.renderer().classes()]
-    assert classes.renderer().type() == "paletted" and {"tree", "building"} <= set(labels)
+    params = {
+        "CHECKPOINT": str(checkpoint),
+        "INPUT": str(scene),
+        "OUTPUT": str(out),
+        "OUTPUT_VECTOR": str(vector),
+    }
+    result = processing.runAndLoadResults("geoseg:segment", params)
+    try:
+        loaded = {
+            lyr.source().split("|")[0]: lyr for lyr in QgsProject.instance().mapLayers().values()
+        }
+        classes = loaded[str(out)]
+        assert classes.isValid() and classes.bandCount() == 1
+        assert classes.width() == layer.width() and classes.crs() == layer.crs()
+        assert classes.renderer().type() == "paletted"
+        labels = {c.label for c in classes.renderer().classes()}
+        assert labels == {"others", "ground", "tree", "building"}
+        assert loaded[result["OUTPUT_VECTOR"]].isValid()
+    finally:
+        QgsProject.instance().removeAllMapLayers()
 
 
 def test_segment_within_extent(
@@ -207,6 +246,98 @@ def test_tile_ids_are_told_from_text() -> None:
 
     assert is_tile_id("2154_50cm64_15145_207280")
     assert not is_tile_id("trees next to buildings") and not is_tile_id("a_b_c_d")
+
+
+def fake_engine(folder: Path, body: str) -> Path:
+    """An executable standing in for the engine's Python (`<it> -m geoseg.engine`)."""
+    python = folder / "python"
+    python.write_text("#!/bin/sh\n" + body + "\n")
+    python.chmod(0o755)
+    return python
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "checkpoint not found: "),
+        (b"not a model", "is not a geoseg checkpoint (not a torch zip archive)"),
+        ("zip", "is not a geoseg checkpoint (no torch pickle)"),
+    ],
+)
+def test_bad_checkpoint_is_reported_before_any_engine_starts(
+    provider: Any,
+    scene: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    content: Any,
+    message: str,
+) -> None:
+    """Missing or foreign checkpoints: one line and its fix, with no engine started (so at once,
+    not after ~14 s of engine start-up, and no torch `weights_only` paragraph)."""
+    import zipfile
+
+    marker = tmp_path / "engine-started"
+    monkeypatch.setenv("GEOSEG_ENGINE_PYTHON", str(fake_engine(tmp_path, f"touch {marker}")))
+    ckpt = tmp_path / "model.ckpt"
+    if content == "zip":
+        with zipfile.ZipFile(ckpt, "w") as zf:
+            zf.writestr("notes.txt", "a zip, but no torch pickle")
+    elif content is not None:
+        ckpt.write_bytes(content)
+    params = {"CHECKPOINT": str(ckpt), "INPUT": str(scene), "OUTPUT": str(tmp_path / "c.tif")}
+    with pytest.raises(QgsProcessingException) as info:
+        run_alg("segment", params)
+    text = str(info.value)
+    assert message in text and "Fix: pick RUN/checkpoints/last.ckpt" in text
+    assert "weights_only" not in text and len(text) < 400
+    assert not marker.exists()
+
+
+def test_engine_error_is_shown_once(provider: Any, sample_data: Path, tmp_path: Path) -> None:
+    """Run as the Processing dialog runs it (a background task whose log the dialog shows):
+    the engine's error appears once, with its cause (fails before: the CLI's error line was
+    relayed as a log line and then raised again)."""
+    from qgis.core import QgsApplication, QgsProcessingAlgRunnerTask, QgsProcessingContext
+
+    config = tmp_path / "bad.yaml"
+    config.write_text("model: {name: no-such-model}\n")
+    params = {"CONFIG": str(config), "DATA": str(sample_data), "OUTPUT": str(tmp_path / "run")}
+    algorithm = QgsApplication.processingRegistry().createAlgorithmById("geoseg:train")
+    context, feedback = QgsProcessingContext(), QgsProcessingFeedback()
+    done: list[bool] = []
+    task = QgsProcessingAlgRunnerTask(algorithm, params, context, feedback)
+    task.executed.connect(lambda ok, results: done.append(ok))
+    QgsApplication.taskManager().addTask(task)
+    wait_for(lambda: done)
+    assert done == [False]
+    assert feedback.textLog().count("no-such-model") == 1, feedback.textLog()
+
+
+def test_engine_without_geoseg_says_how_to_fix(
+    provider: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Python without geoseg prints `No module named 'geoseg'`: the message gets its Fix line
+    (fails before: the client matched the unquoted text only)."""
+    python = fake_engine(tmp_path, 'exec /usr/bin/python3 -I "$@"')
+    monkeypatch.setenv("GEOSEG_ENGINE_PYTHON", str(python))
+    with pytest.raises(QgsProcessingException) as info:
+        run_alg("diagnostics", {})
+    text = str(info.value)
+    assert "has no geoseg installed" in text and "Fix: in the geoseg environment run" in text
+
+
+def test_warm_engine_is_reused_and_restarted_after_a_crash(provider: Any) -> None:
+    """One engine answers job after job; killed, it is replaced by a fresh one on next use."""
+    import signal
+
+    from geoseg_qgis.engine_client import WARM
+
+    first = json.loads(run_alg("diagnostics", {})["REPORT"])["pid"]
+    assert json.loads(run_alg("diagnostics", {})["REPORT"])["pid"] == first == WARM.pid
+    os.kill(first, signal.SIGKILL)
+    time.sleep(0.5)
+    second = json.loads(run_alg("diagnostics", {})["REPORT"])["pid"]
+    assert second != first and second == WARM.pid
 
 
 def test_missing_engine_says_how_to_fix(provider: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,10 +6,12 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from conftest import ENGINE
+from test_algorithms import _engine_processes
 
 pytestmark = pytest.mark.timeout(300)
 # Debian's qgis_process wrapper passes --noversioncheck from /etc/default/qgis, which the
@@ -27,6 +29,7 @@ def test_installed_plugin_runs_in_qgis_process(tmp_path: Path) -> None:
         **os.environ,
         "QGIS_CUSTOM_CONFIG_PATH": str(tmp_path / "qgis"),
         "QT_QPA_PLATFORM": "offscreen",
+        "PYTHONWARNINGS": "always::ResourceWarning",
     }
     env.pop("GEOSEG_ENGINE_PYTHON", None)  # the plugin must find the engine from the install
     installed = run([ENGINE, "-m", "geoseg.cli", "qgis", "install"], env)
@@ -39,3 +42,10 @@ def test_installed_plugin_runs_in_qgis_process(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     report = json.loads(json.loads(res.stdout[res.stdout.index("{") :])["results"]["REPORT"])
     assert report["engine_python"] == ENGINE and report["device"] == "cpu"
+    # Fails before: `ResourceWarning: unclosed file` (the engine's pipes were never closed).
+    assert "ResourceWarning" not in res.stdout + res.stderr
+    # The engine goes with qgis_process (its stdin closes; it finishes and exits).
+    deadline = time.monotonic() + 60
+    while report["pid"] in _engine_processes():
+        assert time.monotonic() < deadline, "the engine outlived qgis_process"
+        time.sleep(0.2)

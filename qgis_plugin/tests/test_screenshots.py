@@ -1,0 +1,169 @@
+"""The screenshots of docs/qgis.md, made in real QGIS from the `make demo` outputs.
+
+Skipped unless asked for (it segments the whole sample scene, ~1-2 CPU minutes):
+
+    make demo
+    GEOSEG_QGIS_SCREENSHOTS=docs/img xvfb-run -a .qgis-venv/bin/python -m pytest \\
+        qgis_plugin/tests/test_screenshots.py -p no:cacheprovider
+
+GEOSEG_QGIS_DEMO (default runs/demo) is the demo folder. Everything the windows show lives in
+`<demo>/qgis/` (the project folder, its outputs folder `geoseg/`, the LiDAR layer, the model
+registry), so no temporary path appears in an image.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import COPC, ENGINE, MAKE_EPT, ROOT, SCENE, wait_for
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsMapRendererSequentialJob,
+    QgsMapSettings,
+    QgsPointCloudLayer,
+    QgsProject,
+    QgsRasterLayer,
+    QgsSettings,
+)
+from qgis.PyQt.QtCore import QSize, Qt
+from qgis.PyQt.QtGui import QColor, QImage, QPainter
+from qgis.PyQt.QtWidgets import QApplication
+
+OUT = os.environ.get("GEOSEG_QGIS_SCREENSHOTS")
+DEMO = Path(os.environ.get("GEOSEG_QGIS_DEMO") or ROOT / "runs" / "demo").resolve()
+QUERY = "tall trees with some bare ground"
+pytestmark = [
+    pytest.mark.skipif(not OUT, reason="set GEOSEG_QGIS_SCREENSHOTS=<folder> to make them"),
+    pytest.mark.timeout(1800),
+]
+
+
+def save(widget: Any, name: str) -> Path:
+    QApplication.processEvents()
+    path = Path(OUT or ".") / name
+    assert widget.grab().save(str(path)) and path.stat().st_size > 1000, path
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_project(plugin: Any, qgis_iface: Any, qgis_canvas: Any) -> Any:
+    """The user's project folder inside the demo: scene, EPT LiDAR, outputs, model registry."""
+    from geoseg_qgis import models
+
+    checkpoint = DEMO / "run" / "checkpoints" / "last.ckpt"
+    if not checkpoint.exists():
+        pytest.fail(f"{checkpoint} not found: run `make demo` first")
+    folder = DEMO / "qgis"
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "lidar").mkdir(parents=True)
+    subprocess.run([ENGINE, "-c", MAKE_EPT, str(COPC), str(folder / "lidar" / "ept")], check=True)
+    saved = models.registry_path
+    models.registry_path = lambda: folder / "models.json"
+    QgsSettings().setValue("geoseg/output_folder", "")
+    QgsSettings().remove("geoseg/last")
+    project = QgsProject.instance()
+    project.removeAllMapLayers()
+    project.setFileName(str(folder / "demo.qgz"))
+    qgis_canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:2154"))
+    scene = QgsRasterLayer(str(SCENE), SCENE.stem)
+    cloud = QgsPointCloudLayer(str(folder / "lidar" / "ept" / "ept.json"), "lidar (EPT)", "ept")
+    assert scene.isValid() and cloud.isValid()
+    project.addMapLayers([scene, cloud])
+    qgis_iface.setActiveLayer(scene)
+    qgis_canvas.setExtent(scene.extent())
+    manager = plugin.model_manager()
+    manager.import_file(str(checkpoint))
+    manager.use()
+    manager.close()
+    yield {"folder": folder, "scene": scene, "cloud": cloud, "checkpoint": checkpoint}
+    models.registry_path = saved
+    project.removeAllMapLayers()
+    project.setFileName("")
+
+
+def test_toolbar(plugin: Any, demo_project: Any) -> None:
+    save(plugin.toolbar, "qgis_toolbar.png")
+
+
+def test_segment_with_point_cloud_layer_and_named_legend(
+    plugin: Any, demo_project: Any, qgis_canvas: Any
+) -> None:
+    dialog = plugin.segment_layer()
+    wait_for(lambda: dialog.model.needs_points() is not None)
+    dialog.lidar.use_layer.setChecked(True)
+    dialog.lidar.layer.setLayer(demo_project["cloud"])
+    dialog.resize(700, dialog.sizeHint().height())
+    save(dialog, "qgis_segment.png")
+    dialog.run_button.click()
+    wait_for(lambda: dialog.job is None, 1700)
+    assert "class map added" in dialog.status.text(), dialog.status.text()
+    classes = next(
+        lyr for lyr in QgsProject.instance().mapLayers().values() if lyr.name().endswith("classes")
+    )
+    assert classes.renderer().type() == "paletted"
+    dialog.close()
+    legend_and_map(classes, demo_project["scene"], Path(OUT or ".") / "qgis_legend.png")
+
+
+def legend_and_map(classes: QgsRasterLayer, scene: QgsRasterLayer, path: Path) -> None:
+    """The layers panel (the class map's legend expanded) beside the map it draws."""
+    from qgis.core import QgsLayerTreeModel
+    from qgis.gui import QgsLayerTreeView
+
+    model = QgsLayerTreeModel(QgsProject.instance().layerTreeRoot())
+    view = QgsLayerTreeView()
+    view.setModel(model)
+    view.resize(300, 420)
+    view.expandAll()
+    view.show()
+    QApplication.processEvents()
+    panel = view.grab().toImage()
+    settings = QgsMapSettings()
+    settings.setLayers([classes, scene])
+    settings.setDestinationCrs(classes.crs())
+    settings.setExtent(classes.extent())
+    settings.setOutputSize(QSize(420, 420))
+    settings.setBackgroundColor(QColor("white"))
+    job = QgsMapRendererSequentialJob(settings)
+    job.start()
+    job.waitForFinished()
+    image = QImage(panel.width() + 430, 420, QImage.Format_ARGB32)
+    image.fill(Qt.GlobalColor.white)
+    painter = QPainter(image)
+    painter.drawImage(0, 0, panel)
+    painter.drawImage(panel.width() + 10, 0, job.renderedImage())
+    painter.end()
+    assert image.save(str(path))
+    view.close()
+
+
+def test_model_manager(plugin: Any, demo_project: Any) -> None:
+    manager = plugin.model_manager()
+    manager.resize(960, 520)
+    save(manager, "qgis_models.png")
+    manager.close()
+
+
+def test_search_dock(plugin: Any, demo_project: Any) -> None:
+    index = DEMO / "index"
+    if not (index / "index.yaml").exists():
+        pytest.fail(f"{index} not found: run `make demo` first")
+    plugin.actions["search"].trigger()
+    dock = plugin.dock
+    dock.index.setFilePath(str(index))
+    dock.query.setText(QUERY)
+    dock.search()
+    wait_for(lambda: dock.job is None, 600)
+    assert dock.results.count() > 0, dock.status.text()
+    dock.setFloating(True)
+    dock.resize(520, 640)
+    dock.show()
+    save(dock, "qgis_search_dock.png")
+    dock.setFloating(False)
+    dock.clear()
