@@ -47,7 +47,7 @@ from machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "qgis_plugin"))
-from geoseg_qgis.checkpoint_info import CheckpointInfoError, read_contract  # noqa: E402
+from geoseg_qgis.checkpoint_info import CheckpointError, read_contract  # noqa: E402
 from geoseg_qgis.engine_client import EngineError, WarmEngine, run_engine  # noqa: E402
 from geoseg_qgis.protocol import request  # noqa: E402
 
@@ -73,7 +73,7 @@ def timed(job: Callable[[], Any], cpu: Callable[[], float]) -> tuple[float, floa
     cpu0, t0 = cpu(), time.perf_counter()
     try:
         result: Any = job()
-    except (EngineError, CheckpointInfoError) as exc:
+    except (EngineError, CheckpointError) as exc:
         result = exc
     return time.perf_counter() - t0, cpu() - cpu0, result
 

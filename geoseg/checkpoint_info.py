@@ -28,8 +28,14 @@ CARD_NAME = "model_card.json"
 FIX = "pick RUN/checkpoints/last.ckpt of a `geoseg train` run (or import one in geoseg's models)"
 
 
-class CheckpointInfoError(ValueError):
-    """A path that is not a readable geoseg checkpoint; the message is one line."""
+class CheckpointError(ValueError):
+    """A file that is not a readable geoseg checkpoint, or whose weights don't fit its model;
+    the message is one line."""
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _Inert:
@@ -64,30 +70,35 @@ class _ContractUnpickler(pickle.Unpickler):  # nosec B301
 def read_contract(path: str | Path) -> dict[str, Any]:
     """The model contract stored in a `geoseg train` checkpoint.
 
-    Raises CheckpointInfoError (one line) for a missing file, a folder, a file that is not a
-    torch zip archive, or a torch file without a geoseg contract.
+    Raises CheckpointError (one line) for a missing path, a folder, a non-zip or truncated
+    file, a zip that is not a PyTorch archive, a damaged pickle and a PyTorch checkpoint without
+    a geoseg contract. Damage inside the weights themselves only shows when torch loads them.
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointInfoError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
-        raise CheckpointInfoError(f"{path} is a folder; pick the .ckpt file in its checkpoints/")
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file")
     try:
         with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            pickles = [n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"]
             if not pickles:
-                raise CheckpointInfoError(f"{path} is not a geoseg checkpoint (no torch pickle)")
+                raise CheckpointError(f"{path} is not a geoseg checkpoint (no PyTorch data in it)")
             data = archive.read(pickles[0])
-    except (zipfile.BadZipFile, OSError) as exc:
-        reason = "not a torch zip archive" if isinstance(exc, zipfile.BadZipFile) else exc
-        raise CheckpointInfoError(f"{path} is not a geoseg checkpoint ({reason})") from None
+    except zipfile.BadZipFile as exc:
+        raise CheckpointError(
+            f"{path} is not a geoseg checkpoint (not a PyTorch archive, or truncated: "
+            f"{_reason(exc)})"
+        ) from None
+    except (OSError, ValueError, EOFError) as exc:  # unreadable file, damaged member
+        raise CheckpointError(f"{path} is a damaged checkpoint ({_reason(exc)})") from None
     try:
         ckpt = _ContractUnpickler(io.BytesIO(data)).load()  # nosec B301
-    except Exception as exc:  # any malformed pickle means "not ours"
-        raise CheckpointInfoError(f"{path} is not a geoseg checkpoint ({exc})") from None
+    except Exception as exc:  # any malformed pickle: damaged
+        raise CheckpointError(f"{path} is a damaged checkpoint ({_reason(exc)})") from None
     contract = ckpt.get(CONTRACT_KEY) if isinstance(ckpt, dict) else None
     if not isinstance(contract, dict) or not contract.get("model"):
-        raise CheckpointInfoError(f"{path} is not a geoseg checkpoint (no {CONTRACT_KEY})")
+        raise CheckpointError(f"{path} is not a geoseg checkpoint (no {CONTRACT_KEY} in it)")
     return contract
 
 
@@ -125,12 +136,21 @@ def classes(contract: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+def _card_classes(card: dict[str, Any]) -> list[dict[str, Any]]:
+    """A card's classes as `classes` gives them: unlabeled (0) left out, colours "#rrggbb"."""
+    return [
+        {"value": c["value"], "name": str(c["name"]), "color": hex_color(c.get("color", "888888"))}
+        for c in card.get("classes") or []
+        if isinstance(c, dict) and c.get("value") not in (0, None) and "name" in c
+    ]
+
+
 def describe(path: str | Path) -> dict[str, Any]:
     """What a dialog shows about a checkpoint: its card when there is one, else its contract.
 
     Keys: model, bands, gsd, tile_size, classes, needs_points (None when only the engine can
     tell), metrics, data, splits, intended_use, limits, created, seed, card (whether a model card
-    was found). Raises CheckpointInfoError.
+    was found). Raises CheckpointError.
     """
     contract = read_contract(path)
     card = model_card(path) or {}
@@ -140,7 +160,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "bands": card.get("bands") or contract.get("bands") or [],
         "gsd": card.get("gsd", contract.get("gsd")),
         "tile_size": card.get("tile_size", contract.get("tile_size")),
-        "classes": card.get("classes") or classes(contract),
+        "classes": _card_classes(card) or classes(contract),
         "needs_points": None if needs is None else bool(needs),
         "metrics": card.get("metrics") or {},
         "data": card.get("data"),

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from geoseg.checkpoint_info import FIX, CheckpointInfoError, describe, read_contract
+from geoseg.checkpoint_info import FIX, CheckpointError, describe, read_contract
 from geoseg.errors import first_line
 from geoseg.protocol import (
     PROTOCOL_VERSION,
@@ -307,7 +307,7 @@ def _checkpoint_problem(args: dict[str, Any]) -> dict[str, Any] | None:
         return None
     try:
         read_contract(args["checkpoint"])
-    except CheckpointInfoError as exc:
+    except CheckpointError as exc:
         return message("error", code="bad_input", message=str(exc), fix=FIX)
     return None
 
@@ -435,8 +435,9 @@ def main() -> int:
         req: dict[str, Any] | None = None
         try:
             req = _read_request(sys.stdin)
-            if req is None:
-                return code
+            if req is None:  # the client is done: leave at once (no job is running)
+                sys.__stderr__.flush()
+                os._exit(code)  # skips torch's slow interpreter teardown (seconds)
             reply = _serve(req, emit, stdout, stderr)
         except ProtocolError as exc:
             reply = message("error", code="protocol", message=str(exc), fix=None)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from geoseg.checkpoint_info import (
-    CheckpointInfoError,
+    CheckpointError,
     classes,
     describe,
     hex_color,
@@ -78,7 +78,10 @@ def test_describe_from_the_contract_and_from_a_card(checkpoint: Path) -> None:
     card = {
         "model": model,
         "needs_points": needs_points(read_contract(checkpoint)),
-        "classes": [{"value": 1, "name": "low", "color": [1, 2, 3]}],
+        "classes": [
+            {"value": 0, "name": "unlabeled", "color": [0, 0, 0, 0]},
+            {"value": 1, "name": "low", "color": [1, 2, 3, 255]},
+        ],
         "metrics": {"test": {"miou": 0.5}},
         "limits": "tiny",
     }
@@ -86,7 +89,8 @@ def test_describe_from_the_contract_and_from_a_card(checkpoint: Path) -> None:
     try:
         info = describe(checkpoint)
         assert info["card"] and info["needs_points"] is (model == "ikdnet")
-        assert info["classes"] == card["classes"] and info["limits"] == "tiny"
+        assert info["classes"] == [{"value": 1, "name": "low", "color": "#010203"}]
+        assert info["limits"] == "tiny"
         assert model_card(checkpoint) == card
     finally:
         (checkpoint.parents[1] / "model_card.json").unlink()
@@ -96,11 +100,11 @@ def test_describe_from_the_contract_and_from_a_card(checkpoint: Path) -> None:
     ("make", "message"),
     [
         (None, "checkpoint not found"),
-        ("folder", "is a folder"),
-        (b"plain text", "(not a torch zip archive)"),
-        ("zip", "(no torch pickle)"),
-        ("foreign", "(no geoseg_contract)"),
-        ("evil", "(no geoseg_contract)"),
+        ("folder", "is a folder, not a file"),
+        (b"plain text", "(not a PyTorch archive, or truncated: "),
+        ("zip", "(no PyTorch data in it)"),
+        ("foreign", "(no geoseg_contract in it)"),
+        ("evil", "(no geoseg_contract in it)"),
     ],
 )
 def test_bad_checkpoints_are_one_line(tmp_path: Path, make: object, message: str) -> None:
@@ -124,7 +128,7 @@ def test_bad_checkpoints_are_one_line(tmp_path: Path, make: object, message: str
                 zf.writestr(name, data)
     elif isinstance(make, bytes):
         path.write_bytes(make)
-    with pytest.raises(CheckpointInfoError) as info:
+    with pytest.raises(CheckpointError) as info:
         read_contract(path)
     assert message in str(info.value) and "\n" not in str(info.value)
     assert not marker.exists()

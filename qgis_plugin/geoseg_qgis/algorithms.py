@@ -47,7 +47,7 @@ from qgis.core import (
 )
 
 from . import settings
-from .checkpoint_info import FIX, CheckpointInfoError, describe
+from .checkpoint_info import FIX, CheckpointError, describe
 from .engine_client import WARM, EngineError, run_engine
 from .protocol import request
 from .styling import ClassStyler, OutlineStyler, native_footprints
@@ -119,7 +119,7 @@ class GeosegAlgorithm(QgsProcessingAlgorithm):
         if ok and self.parameterDefinition("CHECKPOINT") is not None:
             try:
                 describe(self.parameterAsFile(params, "CHECKPOINT", context))
-            except CheckpointInfoError as exc:
+            except CheckpointError as exc:
                 return False, f"{exc}\nFix: {FIX}"
         return ok, problem
 

@@ -27,7 +27,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from . import models, settings
-from .checkpoint_info import CheckpointInfoError, hex_color
+from .checkpoint_info import CheckpointError, hex_color
 from .widgets import _miou
 
 COLUMNS = ("Name", "Model", "Classes", "Quality", "Source")
@@ -57,8 +57,11 @@ def card_html(entry: models.ModelEntry) -> str:
     if isinstance(splits, dict):
         rows.append(("Tiles", ", ".join(f"{k} {v}" for k, v in splits.items())))
     for key in ("intended_use", "limits", "created", "seed"):
-        if info.get(key) is not None:
-            rows.append((key.replace("_", " ").capitalize(), info[key]))
+        value = info.get(key)
+        if isinstance(value, list):
+            value = " ".join(str(v) for v in value)
+        if value is not None:
+            rows.append((key.replace("_", " ").capitalize(), value))
     html = ["<table cellspacing=4>"]
     html += [
         f"<tr><td><b>{escape(k)}</b></td><td>{escape(str(v))}</td></tr>"
@@ -74,14 +77,13 @@ def card_html(entry: models.ModelEntry) -> str:
         )
     metrics = info.get("metrics") or {}
     if metrics:
-        html.append("</p><p><b>Metrics</b> (kappa 0 = chance agreement)<br>")
+        html.append("</p><p><b>Metrics</b> (pixels; kappa 0 = chance agreement)<br>")
         for split, values in metrics.items():
             if isinstance(values, dict):
-                shown = ", ".join(
-                    f"{k} {v:.3f}"
-                    for k, v in values.items()
-                    if isinstance(v, int | float) and k in ("miou", "oa", "kappa")
-                )
+                shown = _scores(values)
+                base = values.get("baseline")
+                if isinstance(base, dict):
+                    shown += f"; baseline (always {base.get('predicts')}): {_scores(base)}"
                 html.append(f"{escape(str(split))}: {escape(shown)}<br>")
     elif entry.available:
         html.append(
@@ -89,6 +91,14 @@ def card_html(entry: models.ModelEntry) -> str:
             "writes model_card.json, to see its data and metrics here.</i>"
         )
     return "".join(html) + "</p>"
+
+
+def _scores(values: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k} {values[k]:.3f}"
+        for k in ("miou", "oa", "kappa")
+        if isinstance(values.get(k), int | float)
+    )
 
 
 class ModelManagerDialog(QDialog):
@@ -182,7 +192,7 @@ class ModelManagerDialog(QDialog):
             return None
         try:
             entry = models.import_checkpoint(path)
-        except CheckpointInfoError as exc:
+        except CheckpointError as exc:
             self.status.setText(f"not imported: {exc}")
             return None
         self.status.setText(f"imported {entry.name}")

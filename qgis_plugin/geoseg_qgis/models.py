@@ -22,7 +22,7 @@ from typing import Any
 from qgis.core import QgsApplication
 
 from . import settings
-from .checkpoint_info import CheckpointInfoError, describe
+from .checkpoint_info import CheckpointError, describe
 
 REGISTRY = "models.json"
 # Where runs are looked for below the outputs folder (a run folder holds checkpoints/last.ckpt).
@@ -77,7 +77,7 @@ def _entry(raw: dict[str, Any]) -> ModelEntry:
     if entry.path:
         try:
             entry.info = describe(entry.path)
-        except CheckpointInfoError as exc:
+        except CheckpointError as exc:
             entry.error = str(exc)
     return entry
 
@@ -121,7 +121,7 @@ def sha256(path: str | Path) -> str:
 
 def import_checkpoint(path: str | Path, name: str | None = None) -> ModelEntry:
     """Add a checkpoint file to the registry (in place, with its sha256); raises
-    CheckpointInfoError (one line) for a file that is not a geoseg checkpoint."""
+    CheckpointError (one line) for a file that is not a geoseg checkpoint."""
     path = Path(path).resolve()
     describe(path)
     entries = [e for e in _read_registry() if e.get("path") != str(path)]

@@ -65,11 +65,15 @@ def describe_text(info: dict[str, Any] | None) -> str:
 
 
 def _miou(metrics: dict[str, Any]) -> str:
-    """ "test mIoU 0.41" from a model card's metrics (by split), if any."""
+    """ "test mIoU 0.41 (baseline 0.12)" from a model card's metrics (by split), if any; the
+    baseline is the card's majority-class map."""
     for split in ("test", "val"):
-        value = (metrics.get(split) or {}).get("miou")
+        scores = metrics.get(split) or {}
+        value = scores.get("miou")
         if isinstance(value, int | float):
-            return f"{split} mIoU {value:.2f}"
+            base = (scores.get("baseline") or {}).get("miou")
+            chance = f" (baseline {base:.2f})" if isinstance(base, int | float) else ""
+            return f"{split} mIoU {value:.2f}{chance}"
     return ""
 
 

@@ -260,8 +260,8 @@ def fake_engine(folder: Path, body: str) -> Path:
     ("content", "message"),
     [
         (None, "checkpoint not found: "),
-        (b"not a model", "is not a geoseg checkpoint (not a torch zip archive)"),
-        ("zip", "is not a geoseg checkpoint (no torch pickle)"),
+        (b"not a model", "is not a geoseg checkpoint (not a PyTorch archive, or truncated"),
+        ("zip", "is not a geoseg checkpoint (no PyTorch data in it)"),
     ],
 )
 def test_bad_checkpoint_is_reported_before_any_engine_starts(
@@ -392,11 +392,17 @@ def test_cancel_stops_the_engine(
 
 
 def _engine_processes() -> list[int]:
-    """Live engine processes (Linux /proc), zombies included."""
+    """Live engine processes of this test session (Linux /proc), zombies and workers included:
+    those with this session's XDG_STATE_HOME (others may run engines on the same machine)."""
+    ours = f"XDG_STATE_HOME={os.environ['XDG_STATE_HOME']}".encode()
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"geoseg.engine" in (proc / "cmdline").read_bytes():
+            if (
+                proc.name.isdigit()
+                and b"geoseg.engine" in (proc / "cmdline").read_bytes()
+                and ours in (proc / "environ").read_bytes().split(b"\0")
+            ):
                 pids.append(int(proc.name))
         except OSError:
             continue

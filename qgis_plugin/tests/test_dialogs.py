@@ -223,7 +223,7 @@ def test_segment_bad_checkpoint_is_one_line_in_the_dialog(
     dialog.run_button.click()
     text = dialog.status.text()
     assert dialog.job is None and text.count("\n") == 1 and "Fix:" in text
-    assert "not a geoseg checkpoint (not a torch zip archive)" in text
+    assert "not a geoseg checkpoint (not a PyTorch archive, or truncated" in text
     dialog.close()
 
 
@@ -269,27 +269,39 @@ def test_model_manager_lists_runs_with_cards_and_remembers(
     from geoseg_qgis import models, settings
 
     run = ikdnet_checkpoint.parents[1]
-    card = {
+    card = {  # as geoseg/train/card.py writes it
+        "format": "geoseg-model-card/1",
         "model": "ikdnet",
-        "data": {"build": "sample", "catalog": "sample"},
+        "data": {"path": "/data/n3c", "catalog": "sample", "region": None},
         "splits": {"train": 20, "val": 2, "test": 2},
-        "classes": [{"value": 1, "name": "others", "color": [255, 170, 0, 255]}],
+        "classes": [
+            {"value": 0, "name": "unlabeled", "color": [0, 0, 0, 0]},
+            {"value": 1, "name": "others", "color": [255, 170, 0, 255]},
+        ],
         "bands": ["red", "green", "blue", "nir"],
         "gsd": 0.5,
         "tile_size": 64,
         "needs_points": True,
-        "metrics": {"test": {"miou": 0.25, "oa": 0.5, "kappa": 0.1}},
+        "metrics": {
+            "test": {
+                "miou": 0.25,
+                "oa": 0.5,
+                "kappa": 0.1,
+                "baseline": {"predicts": "ground", "miou": 0.1, "oa": 0.4, "kappa": 0.0},
+            }
+        },
         "intended_use": "demo",
-        "limits": "2 training steps",
+        "limits": ["2 training steps.", "Needs the scene's LiDAR."],
     }
     (run / "model_card.json").write_text(json.dumps(card))
     try:
         manager = plugin.model_manager()
         manager.import_file(str(ikdnet_checkpoint))
         html = manager.details.toHtml()
-        for text in ("sample", "miou 0.250", "2 training steps", "0.5 m"):
+        for text in ("sample", "miou 0.250", "always ground", "2 training steps", "0.5 m"):
             assert text in html, text
-        assert manager.tree.currentItem().text(3) == "test mIoU 0.25"
+        assert manager.tree.currentItem().text(3) == "test mIoU 0.25 (baseline 0.10)"
+        assert manager.tree.currentItem().text(2) == "others"  # unlabeled is no class
         manager.use()
         assert settings.remembered("checkpoint") == str(ikdnet_checkpoint.resolve())
         zoo = models.add_zoo_entry(
