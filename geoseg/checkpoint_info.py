@@ -97,7 +97,7 @@ def read_contract(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # any malformed pickle: damaged
         raise CheckpointError(f"{path} is a damaged checkpoint ({_reason(exc)})") from None
     contract = ckpt.get(CONTRACT_KEY) if isinstance(ckpt, dict) else None
-    if not isinstance(contract, dict) or not contract.get("model"):
+    if not isinstance(contract, dict):
         raise CheckpointError(f"{path} is not a geoseg checkpoint (no {CONTRACT_KEY} in it)")
     return contract
 

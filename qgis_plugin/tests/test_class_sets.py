@@ -65,7 +65,7 @@ def test_vaihingen_checkpoint_segments_with_its_palette(
     layer = QgsRasterLayer(result["OUTPUT"], "classes")
     assert layer.isValid() and layer.width() == QgsRasterLayer(str(scene), "s").width()
 
-    from geoseg_qgis.algorithms import style_classes
+    from geoseg_qgis.styling import style_classes
 
     style_classes(layer, str(out.with_suffix(".json")))
     renderer = layer.renderer()
