@@ -159,7 +159,12 @@ LABEL_DIM = "label"
 
 def point_labels(points: Mapping[str, np.ndarray]) -> np.ndarray:
     """Class labels of points (LAS fields by name): the `label` dimension if the build wrote
-    one, else N3C's remapping of the ASPRS classification."""
-    if LABEL_DIM in points:
+    one, else N3C's remapping of the ASPRS classification.
+
+    A `laspy.LasData` has no `__contains__`: `in` would iterate it point by point (a header
+    deep copy each, seconds per tile), so its dimension names are asked instead."""
+    fmt = getattr(points, "point_format", None)
+    names = set(fmt.dimension_names) if fmt is not None else points.keys()
+    if LABEL_DIM in names:
         return np.asarray(points[LABEL_DIM], np.uint8)
     return remap_asprs(np.asarray(points["classification"]))
