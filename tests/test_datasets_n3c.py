@@ -40,6 +40,7 @@ from geoseg.datasets.points import (
     sample_fixed,
     select_points,
 )
+from geoseg.datasets.splits import tile_weights
 from geoseg.models import create_model
 from geoseg.train.losses import class_weights
 
@@ -337,6 +338,27 @@ def test_torchgeo_segmentation_task_trains_on_the_raster_datasets(
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
     assert torch.isfinite(trainer.callback_metrics["val_loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, task.parameters(), strict=True))
+
+
+def test_balanced_sampling_draws_tiles_by_their_class_weights(sample_build: Path) -> None:
+    """`tile_weights`: the mean class weight of a tile's labelled pixels; the data module draws
+    an epoch of that many tiles with these probabilities."""
+    names = ("unlabeled", "others", "ground", "tree", "building")
+    weights = [0.0, 40.0, 1.0, 5.0, 40.0]
+    tiles = split_tiles(sample_build, "train")
+    scores = tile_weights(sample_build, "train", names, weights)
+    index = pd.read_parquet(sample_build / "index.parquet").set_index("tile_id")
+    fractions = index.loc[tiles["tile_id"], [f"frac_{n}" for n in names[1:]]].to_numpy()
+    np.testing.assert_allclose(scores, fractions @ np.array(weights[1:]))
+    teak = tiles["tile_id"].str.startswith("32611").to_numpy()  # NEON TEAK: trees
+    assert scores[teak].mean() > 2 * scores[~teak].mean()
+    dm = N3CDataModule(sample_build, point_config=CFG, epoch_tiles=400, tile_weights=scores)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    drawn = list(dm.train_dataloader().sampler)
+    assert len(drawn) == 400
+    share = teak[drawn].mean()
+    assert share == pytest.approx(scores[teak].sum() / scores.sum(), abs=0.08) and share > 0.4
 
 
 def test_datamodule_setup_fit(sample_build: Path) -> None:

@@ -22,7 +22,7 @@ import torch
 from affine import Affine
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 from torchgeo.datasets import NonGeoDataset, RasterDataset
 
 from geoseg.classes import build_classes
@@ -300,6 +300,8 @@ class N3CDataModule(L.LightningDataModule):
 
     `epoch_tiles`: a training epoch is that many tiles drawn at random with replacement, as in
     the released config (2000 per epoch); None = one shuffled pass over the train split.
+    `tile_weights` (train tiles in split order, e.g. `splits.tile_weights`): draw the epoch's
+    tiles with these probabilities instead of uniformly.
     `mean_std`: image normalisation, by default the train split's band statistics.
     `neighbours=False`: the workers skip the kNN indices (see `N3CCalifornia`) and
     `on_after_batch_transfer` computes them for the whole batch on the training device.
@@ -320,6 +322,7 @@ class N3CDataModule(L.LightningDataModule):
         epoch_tiles: int | None = None,
         augment: TileAugment | None = None,
         mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
+        tile_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if epoch_tiles is not None and epoch_tiles < 1:
@@ -335,6 +338,7 @@ class N3CDataModule(L.LightningDataModule):
         self.epoch_tiles = epoch_tiles
         self.augment = augment
         self.mean_std = mean_std
+        self.tile_weights = tile_weights
         self.datasets: dict[str, N3CCalifornia] = {}
 
     def _dataset(self, split: str) -> N3CCalifornia:
@@ -361,8 +365,12 @@ class N3CDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset, sampler = self.datasets[split], None
-        if shuffle and self.epoch_tiles is not None:
-            # Lightning wraps it in a distributed sampler under DDP: N tiles per epoch in all
+        # Lightning wraps these in a distributed sampler under DDP: N tiles per epoch in all
+        if shuffle and self.tile_weights is not None:
+            draws = self.epoch_tiles or len(dataset)
+            sampler = WeightedRandomSampler(list(self.tile_weights), draws, replacement=True)
+            shuffle = False
+        elif shuffle and self.epoch_tiles is not None:
             sampler = RandomSampler(dataset, replacement=True, num_samples=self.epoch_tiles)
             shuffle = False
         trainer = self.trainer

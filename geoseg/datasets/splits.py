@@ -5,9 +5,11 @@ order, the statistics and the error a user sees for a wrong folder or split."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from geoseg.builder.split import BUFFER
@@ -63,3 +65,24 @@ def split_stats(root: str | Path, split: str = "train") -> dict[str, Any]:
             "with the same arguments to rewrite them (finished tiles are reused, not rebuilt)"
         )
     return stats["splits"][split]
+
+
+def tile_weights(
+    root: str | Path, split: str, class_names: Sequence[str], weights: Sequence[float]
+) -> np.ndarray:
+    """Sampling weight of each tile of a split (in `split_tiles` order): the mean class weight
+    of its labelled pixels, Σ_c frac_c · w_c, from index.parquet's class fractions.
+
+    Drawing tiles with these weights shows rare classes more often in proportion to the same
+    weights the loss uses; a tile without labelled pixels gets the smallest weight of the rest.
+    """
+    tiles = split_tiles(root, split)
+    columns = [f"frac_{name}" for name in class_names[1:]]
+    table = pd.read_parquet(Path(root) / "index.parquet", columns=["tile_id", *columns])
+    fractions = tiles[["tile_id"]].merge(table, on="tile_id", how="left")[columns]
+    scores = fractions.fillna(0.0).to_numpy() @ np.asarray(weights[1:], dtype=np.float64)
+    labelled = scores > 0
+    if not labelled.any():
+        return np.ones(len(tiles))
+    scores[~labelled] = scores[labelled].min()
+    return scores

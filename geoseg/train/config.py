@@ -49,6 +49,8 @@ class DataConfig:
     (docs/benchmarks.md, GPU training).
     `epoch_tiles`: tiles drawn (with replacement) per training epoch, the released config's 2000;
     None = one pass over the train split. The LR decays once per epoch, so this sets the schedule.
+    `balance`: draw training tiles in proportion to the mean class weight of their labelled
+    pixels (`geoseg.datasets.splits.tile_weights`) rather than uniformly (the released way).
     `augment`: `TileAugment` fields (flip, rotate, jitter) for the whole tile.
     `normalise`: "dataset" = the train split's band mean/std (stats.json); "imagenet" = the
     ImageNet RGB mean/std the authors' image loader uses (RGB bands only).
@@ -61,6 +63,7 @@ class DataConfig:
     pyramid_device: str = "auto"
     cache: bool = False
     epoch_tiles: int | None = None
+    balance: bool = False
     augment: dict[str, Any] = field(default_factory=dict)
     normalise: str = "dataset"
 
@@ -85,13 +88,20 @@ NORMALISATIONS = ("dataset", "imagenet")
 
 @dataclass
 class LossConfig:
-    """`HolisticLoss` term weights and consistency settings (see docs/ikdnet.md, "Loss")."""
+    """`HolisticLoss` term weights and consistency settings (see docs/ikdnet.md, "Loss"), and
+    the offset of the class weights w = 1/(f + offset) (0.02: the authors'; larger values
+    flatten them, e.g. when the class mix of the test site differs from the train split's)."""
 
     w_img: float = 1.0
     w_pc: float = 1.0
     w_sc: float = 1.0
     temperature: float = 1.0
     sc_detach: str = "none"
+    weight_offset: float = 0.02
+
+    def holistic(self) -> dict[str, Any]:
+        """`HolisticLoss` keyword arguments (the class-weight offset is used before it)."""
+        return {k: v for k, v in asdict(self).items() if k != "weight_offset"}
 
 
 @dataclass
@@ -182,6 +192,8 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     for key, value, allowed in choices:
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}: {value!r}")
+    if cfg.loss.weight_offset <= 0:
+        raise ConfigError(f"loss.weight_offset must be > 0: {cfg.loss.weight_offset}")
     if cfg.data.epoch_tiles is not None and cfg.data.epoch_tiles < 1:
         raise ConfigError(f"data.epoch_tiles must be >= 1 or null: {cfg.data.epoch_tiles}")
     return cfg

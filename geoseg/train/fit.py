@@ -11,7 +11,8 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger
 from geoseg.checkpoints import CONTRACT_KEY, CheckpointError, check_checkpoint_file
 from geoseg.classes import ClassSet, build_classes
 from geoseg.datasets.n3c import N3CCalifornia, N3CDataModule, band_names
-from geoseg.datasets.splits import split_stats, split_tiles
+from geoseg.datasets.splits import split_stats, split_tiles, tile_weights
 from geoseg.errors import first_line
 from geoseg.models import MODELS, uses_points
 from geoseg.train.card import cpu_seconds, metrics_entry, new_card, read_card, write_card
@@ -206,31 +207,43 @@ def check_resumable(last: Path, model: str) -> None:
         )
 
 
-def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = True) -> Path:
-    """Train (or resume) a run; returns the path of RUN/checkpoints/last.ckpt.
+@dataclass
+class Setup:
+    """What a run trains: the data module (set up for fit), the task, the train statistics."""
 
-    Raises `ConfigError`/`DataError`/`CheckpointError` before any training when the inputs are
-    wrong.
-    """
-    data, out = Path(data), Path(out)
-    check_resumable(out / "checkpoints" / "last.ckpt", cfg.model.name)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm: N3CDataModule
+    task: SegmentationTask
+    stats: dict[str, Any]
+    contract: dict[str, Any]
+
+
+def setup(cfg: TrainConfig, data: Path) -> Setup:
+    """Check the build, read its train statistics and build the data module and the task;
+    resolves `cfg` in place (model kwargs, precision, pyramid device). `ConfigError` or
+    `DataError` in one line when the inputs are wrong."""
     if cfg.data.pyramid_device == "auto":
         cfg.data.pyramid_device = "gpu" if _on_gpu(cfg) else "cpu"
     try:
         split_tiles(data, "train")  # a wrong folder is reported as such, before its statistics
         stats = split_stats(data, "train")
         classes = build_classes(data)
+        offset = cfg.loss.weight_offset
         weights = (
-            class_weights(stats["pixels"], classes.names),
-            class_weights(stats["points"], classes.names),
+            class_weights(stats["pixels"], classes.names, offset),
+            class_weights(stats["points"], classes.names, offset),
         )
         mean_std = normalisation(cfg, band_names(cfg.data.bands), stats)
+        balance = (
+            tile_weights(data, "train", classes.names, weights[0].tolist())
+            if cfg.data.balance
+            else None
+        )
         dm = N3CDataModule(
             data, cfg.data.batch_size, cfg.data.num_workers, cfg.data.bands,
             cfg.data.point_config(), cfg.seed, neighbours=cfg.data.pyramid_device == "cpu",
             cache_dir=data / "cache" if cfg.data.cache else None,
             epoch_tiles=cfg.data.epoch_tiles, augment=cfg.data.tile_augment(), mean_std=mean_std,
+            tile_weights=balance,
         )  # fmt: skip
         dm.setup("fit")
     except ConfigError:
@@ -251,10 +264,53 @@ def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = 
             weights[1].tolist(),
             contract,
             optim=asdict(cfg.optim),
-            loss=asdict(cfg.loss),
+            loss=cfg.loss.holistic(),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build model {cfg.model.name!r}: {exc}") from None
+    return Setup(dm, task, stats, contract)
+
+
+def calibration_step(cfg: TrainConfig, data: str | Path) -> Callable[[], None]:
+    """One CPU training step of the run `cfg` describes (a batch from the train loader in this
+    process, forward, loss, backward, clipped Adam step): what `benchmarks/accuracy.py` times
+    to give every model the same CPU budget."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    cfg.data.num_workers = 0
+    run = setup(cfg, Path(data))
+    task, loader = run.task, run.dm.train_dataloader()
+    optimiser = task.configure_optimizers()["optimizer"]
+    batches = iter(loader)
+
+    def step() -> None:
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        optimiser.zero_grad()
+        task.training_step(batch, 0).backward()
+        if cfg.trainer.gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.trainer.gradient_clip_val)
+        optimiser.step()
+
+    task.train()
+    return step
+
+
+def train(cfg: TrainConfig, data: str | Path, out: str | Path, progress: bool = True) -> Path:
+    """Train (or resume) a run; returns the path of RUN/checkpoints/last.ckpt.
+
+    Raises `ConfigError`/`DataError`/`CheckpointError` before any training when the inputs are
+    wrong.
+    """
+    data, out = Path(data), Path(out)
+    check_resumable(out / "checkpoints" / "last.ckpt", cfg.model.name)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run = setup(cfg, data)
+    dm, task, stats, contract = run.dm, run.task, run.stats, run.contract
+    model_kwargs = cfg.model.kwargs
 
     t = cfg.trainer
     card = read_card(out) or new_card(
