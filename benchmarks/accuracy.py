@@ -142,8 +142,13 @@ print(json.dumps((u.ru_utime + u.ru_stime - t0) / int(sys.argv[3])))
     return float(res.stdout.strip().splitlines()[-1])
 
 
+ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}
+"""Evaluation's environment: one intra-op thread, as the base config's trainer.threads."""
+
+
 def run_once(cfg: dict[str, Any], data: Path, out: Path) -> dict[str, Any]:
-    """Train (nice) and evaluate the best checkpoint on test and val; scores and CPU time."""
+    """Train (nice) and evaluate the best checkpoint on test and val; scores, CPU time and the
+    machine's load (1-min load average at the end of training: wall times depend on it)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.in.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -154,13 +159,14 @@ def run_once(cfg: dict[str, Any], data: Path, out: Path) -> dict[str, Any]:
         check=True, capture_output=True,
     )  # fmt: skip
     train_cpu, train_wall = cpu_children() - cpu0, time.perf_counter() - wall0
+    load = os.getloadavg()[0]
     best = next((out / "run" / "checkpoints").glob("best-*.ckpt"))
     scores = {}
     for split in ("test", "val"):
         subprocess.run(
             ["nice", "-n", "5", *GEOSEG, "evaluate", "--checkpoint", str(best), "--data",
              str(data), "--split", split, "--out", str(out / f"eval-{split}")],
-            check=True, capture_output=True,
+            check=True, capture_output=True, env=ONE_THREAD,
         )  # fmt: skip
         scores[split] = json.loads((out / f"eval-{split}" / "metrics.json").read_text())
     card = json.loads((out / "run" / "model_card.json").read_text())
@@ -169,6 +175,7 @@ def run_once(cfg: dict[str, Any], data: Path, out: Path) -> dict[str, Any]:
         "steps": card["training"]["steps"],
         "train_cpu_s": round(train_cpu, 1),
         "train_wall_s": round(train_wall, 1),
+        "load": round(load, 1),
         "test": _scores(scores["test"]),
         "val": _scores(scores["val"]),
     }

@@ -214,7 +214,8 @@ def test_train_rejects_missing_data_and_bad_config(tmp_path: Path):
     for text, match in (("data: {augment: {mirror: true}}", "bad data.augment"),
                         ("data: {normalise: imagenet1k}", "data.normalise"),
                         ("data: {epoch_tiles: 0}", "epoch_tiles"),
-                        ("loss: {weight_offset: 0}", "weight_offset")):  # fmt: skip
+                        ("loss: {weight_offset: 0}", "weight_offset"),
+                        ("trainer: {threads: 0}", "trainer.threads")):  # fmt: skip
         bad.write_text(text + "\n")
         with pytest.raises(ConfigError, match=match):
             load_config(bad)

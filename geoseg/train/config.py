@@ -109,6 +109,9 @@ class TrainerConfig:
     """Lightning Trainer settings; precision "auto" = bf16-mixed on GPU, 32-true on CPU.
 
     gradient_clip_val defaults to 1: narrow IKD-Net diverged without it.
+    `threads`: torch's intra-op CPU threads (None = torch's default, one per core). On a CPU
+    shared with a DataLoader worker or other jobs, 1 thread cost ~10x less CPU per step of the
+    small sample models than 2 (measured in docs/accuracy.md): small ops wait on busy cores.
     """
 
     max_steps: int = -1
@@ -122,6 +125,7 @@ class TrainerConfig:
     check_val_every_n_epoch: int | None = 1
     limit_val_batches: int | float = 1.0
     log_every_n_steps: int = 50
+    threads: int | None = None
 
 
 @dataclass
@@ -194,6 +198,8 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
             raise ConfigError(f"{key} must be one of {list(allowed)}: {value!r}")
     if cfg.loss.weight_offset <= 0:
         raise ConfigError(f"loss.weight_offset must be > 0: {cfg.loss.weight_offset}")
+    if cfg.trainer.threads is not None and cfg.trainer.threads < 1:
+        raise ConfigError(f"trainer.threads must be >= 1 or null: {cfg.trainer.threads}")
     if cfg.data.epoch_tiles is not None and cfg.data.epoch_tiles < 1:
         raise ConfigError(f"data.epoch_tiles must be >= 1 or null: {cfg.data.epoch_tiles}")
     return cfg

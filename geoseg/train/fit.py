@@ -223,6 +223,8 @@ def setup(cfg: TrainConfig, data: Path) -> Setup:
     `DataError` in one line when the inputs are wrong."""
     if cfg.data.pyramid_device == "auto":
         cfg.data.pyramid_device = "gpu" if _on_gpu(cfg) else "cpu"
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
     try:
         split_tiles(data, "train")  # a wrong folder is reported as such, before its statistics
         stats = split_stats(data, "train")
