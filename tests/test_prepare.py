@@ -67,12 +67,44 @@ def read(path: Path, band: int | None = None) -> np.ndarray:
         return src.read(band) if band else src.read()
 
 
-def tiny_config(tmp: Path, **data) -> Path:
+def train_tiny(build: Path, tmp: Path, model: dict | None = None, **data) -> Path:
+    """Two steps of configs/ikdnet-tiny.yaml (its model, or `model`; `data` keys replaced) on a
+    build: the run's last checkpoint."""
     cfg = yaml.safe_load(TINY.read_text())
     cfg["data"].update(data)
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    cfg["model"] = model or cfg["model"]
+    config = tmp / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run = tmp / "run"
+    res = cli("train", "--config", config, "--data", build, "--out", run,
+              "--max-steps", "2", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return run / "checkpoints" / "last.ckpt"
+
+
+def predicted(checkpoint: Path, scene: Path, out: Path, classes: ClassSet, *points: Path) -> None:
+    """`geoseg predict` on a scene: a class map of the build's classes in their palette, and a
+    STAC item naming them (what QGIS styles it from)."""
+    points_args = [a for p in points for a in ("--points", p)]
+    res = cli("predict", "--checkpoint", checkpoint, "--image", scene, *points_args, "--out", out,
+              "--device", "cpu")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    with rasterio.open(out) as map_, rasterio.open(scene) as src:
+        assert (map_.crs, map_.shape) == (src.crs, src.shape)
+        assert set(np.unique(map_.read(1))) <= set(range(1, len(classes)))
+        assert [map_.colormap(1)[v] for v in range(len(classes))] == list(classes.colors)
+    item = json.loads(out.with_suffix(".json").read_text())
+    names = [c["name"] for c in item["assets"]["classification"]["classification:classes"]]
+    assert names == list(classes.names)
+
+
+def copy_bands(src_path: Path, out: Path, bands: list[int], crs: str | None = None) -> Path:
+    """A scene made of some bands of a raster (with a CRS when the source has none)."""
+    with rasterio.open(src_path) as src:
+        profile = {**src.profile, "count": len(bands), "crs": crs or src.crs}
+        with rasterio.open(out, "w", **profile) as dst:
+            dst.write(src.read(bands))
+    return out
 
 
 # --- Vaihingen ---------------------------------------------------------------------------
@@ -209,21 +241,21 @@ def test_vaihingen_pts_cover_only_some_areas(vaihingen_src: Path, tmp_path: Path
     }  # fmt: skip
 
 
-def test_vaihingen_train_evaluate(vaihingen_build: Path, tmp_path: Path):
-    """The class set flows into the model (7 outputs), its contract and the protocol metrics."""
-    config = tiny_config(tmp_path, bands=["nir", "red", "green"])
-    run = tmp_path / "run"
-    res = cli("train", "--config", config, "--data", vaihingen_build, "--out", run,
-              "--max-steps", "2", "--no-progress")  # fmt: skip
-    assert res.exit_code == 0, res.output
-    _, contract = load_model(run / "checkpoints" / "last.ckpt")
+def test_vaihingen_train_evaluate_predict(
+    vaihingen_build: Path, vaihingen_src: Path, tmp_path: Path
+):
+    """The class set flows into the model (7 outputs), its contract, the protocol metrics and
+    the predicted class map."""
+    checkpoint = train_tiny(vaihingen_build, tmp_path, bands=["nir", "red", "green"])
+    run = checkpoint.parents[1]
+    _, contract = load_model(checkpoint)
     assert contract["class_names"] == list(VAIHINGEN.names)
     assert contract["class_colors"][2] == [0, 0, 255, 255]
     assert contract["model_kwargs"]["num_classes"] == 7
     card = json.loads((run / "model_card.json").read_text())
     assert [c["name"] for c in card["classes"]] == list(VAIHINGEN.names)
     assert any("isprs-2d-labelling benchmark's reference" in line for line in card["limits"])
-    res = cli("evaluate", "--checkpoint", run / "checkpoints" / "last.ckpt", "--data",
+    res = cli("evaluate", "--checkpoint", checkpoint, "--data",
               vaihingen_build, "--out", tmp_path / "eval", "--device", "cpu")  # fmt: skip
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -235,6 +267,12 @@ def test_vaihingen_train_evaluate(vaihingen_build: Path, tmp_path: Path):
     stats = json.loads((vaihingen_build / "stats.json").read_text())
     counts = np.array(confusion["matrix"]).sum(1)  # target rows: the eroded test reference
     assert counts.tolist() == [stats["splits"]["test"]["pixels"][c] for c in VAIHINGEN.real]
+    # predict: a test area's TOP (given a CRS, docs/datasets.md) with its tiles' points
+    top = vaihingen_src / "top" / "top_mosaic_09cm_area2.tif"
+    scene = copy_bands(top, tmp_path / "area2.tif", [1, 2, 3], crs="EPSG:32632")
+    points = sorted(vaihingen_build.glob("tiles/vaihingen_area02_*/points.laz"))
+    predicted(checkpoint, scene, tmp_path / "area2_classes.tif", VAIHINGEN,
+              *points)  # fmt: skip
 
 
 # --- DFC2018 -----------------------------------------------------------------------------
@@ -282,28 +320,34 @@ def test_dfc2018_layers_and_point_features(dfc_build: Path, dfc_src: Path):
 def test_dfc2018_train_evaluate_with_point_features_and_hsi(dfc_build: Path, tmp_path: Path):
     features = ["intensity_c1", "intensity_c2", "intensity_c3"]
     cfg = yaml.safe_load(TINY.read_text())
-    config = tiny_config(tmp_path, bands=["red", "green", "blue", "hsi_20"],
-                         points={**cfg["data"]["points"], "features": features})  # fmt: skip
-    run = tmp_path / "run"
-    res = cli("train", "--config", config, "--data", dfc_build, "--out", run,
-              "--max-steps", "2", "--no-progress")  # fmt: skip
-    assert res.exit_code == 0, res.output
-    model, contract = load_model(run / "checkpoints" / "last.ckpt")
+    checkpoint = train_tiny(dfc_build, tmp_path, bands=["red", "green", "blue", "hsi_20"],
+                            points={**cfg["data"]["points"], "features": features})  # fmt: skip
+    model, contract = load_model(checkpoint)
     assert contract["model_kwargs"]["num_classes"] == 21
     assert contract["model_kwargs"]["point_in_channels"] == 6
     assert list(contract["points"]["features"]) == features
     assert isinstance(model, torch.nn.Module)
-    res = cli("evaluate", "--checkpoint", run / "checkpoints" / "last.ckpt", "--data", dfc_build,
+    res = cli("evaluate", "--checkpoint", checkpoint, "--data", dfc_build,
               "--out", tmp_path / "eval", "--device", "cpu")  # fmt: skip
     assert res.exit_code == 0, res.output
     protocol = json.loads((tmp_path / "eval" / "metrics.json").read_text())["protocol"]
     assert protocol["name"] == "dfc2018" and {"oa", "aa", "kappa"} <= set(protocol)
     # A scene's LiDAR file has no intensity_c1..3: predict says so instead of failing inside.
     folder = dfc_build / "tiles" / "dfc2018_te_c000_r000"
-    res = cli("predict", "--checkpoint", run / "checkpoints" / "last.ckpt", "--image",
+    res = cli("predict", "--checkpoint", checkpoint, "--image",
               folder / "image.tif", "--points", folder / "points.laz", "--out",
               tmp_path / "pred.tif", "--device", "cpu")  # fmt: skip
     assert "intensity_c1" in one_line_error(res)
+
+
+def test_dfc2018_image_model_predicts_a_scene(dfc_build: Path, tmp_path: Path):
+    """A DFC2018 checkpoint on RGB predicts a 0.5 m RGB scene (a test tile's bands) in the
+    contest's 20 classes."""
+    unet = {"name": "unet", "kwargs": {"widths": [8, 16, 32, 64]}}
+    checkpoint = train_tiny(dfc_build, tmp_path, unet, bands=["red", "green", "blue"])
+    image = dfc_build / "tiles" / "dfc2018_te_c000_r000" / "image.tif"
+    scene = copy_bands(image, tmp_path / "scene.tif", [1, 2, 3])
+    predicted(checkpoint, scene, tmp_path / "classes.tif", DFC2018)
 
 
 def test_dfc2018_without_test_labels(dfc_src: Path, tmp_path: Path):
