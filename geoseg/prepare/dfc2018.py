@@ -37,13 +37,14 @@ from geoseg.prepare.catalog import DatasetInfo
 from geoseg.prepare.run import Block, Plan, PrepareError
 from geoseg.prepare.sources import (
     Grid,
-    clip_points,
     find_files,
+    label_points,
     las_items,
     raster_grid,
     read_points,
     read_raster,
     sample_at,
+    tile_points,
 )
 from geoseg.prepare.tiles import GridTile, Layer, TileData, grid_tiles
 
@@ -131,7 +132,6 @@ ACQUIRED = datetime(2017, 2, 16)
 """The flight of the hyperspectral, LiDAR and VHR data (16 Feb 2017)."""
 
 NUM_HSI_BANDS = 48
-MIN_POINTS = 16
 BLOCK_CELLS = 2
 """Cells per side of a block whose points are read together (each LAS tile is scanned once per
 block it meets, instead of once per tile)."""
@@ -426,9 +426,9 @@ def _loader(src: Sources, tiles: list[tuple[GridTile, str]], cfg: DFC2018Config)
         points = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
         def read(tile: GridTile, split: str) -> TileData | str:
-            pts = clip_points(points, tile.bounds)
-            if len(pts["x"]) < MIN_POINTS:
-                return f"{len(pts['x'])} LiDAR points in the tile, fewer than {MIN_POINTS}"
+            pts = tile_points(points, tile.bounds, "Optech Titan")
+            if isinstance(pts, str):
+                return pts
             image = np.zeros((4, tile.size, tile.size), np.uint8)
             for path in src.vhr:
                 rgb = _window(path, tile, Resampling.average, np.uint8, 0)[:3]
@@ -439,7 +439,7 @@ def _loader(src: Sources, tiles: list[tuple[GridTile, str]], cfg: DFC2018Config)
             intensity = np.stack([_lidar_raster(p, tile) for p in src.intensity])
             _point_features(pts, intensity, tile)
             label = _tile_labels(src, tile, split)
-            pts["label"] = sample_at(label, tile.transform, pts["x"], pts["y"], np.uint8(0))
+            label_points(pts, label, tile.transform)
             extra = {}
             if src.hsi is not None:
                 cube = _window(src.hsi, tile, Resampling.nearest, np.float32, np.nan)

@@ -186,6 +186,27 @@ def clip_points(arrays: dict[str, np.ndarray], bounds: Sequence[float]) -> dict[
     return {k: v[inside] for k, v in arrays.items()}
 
 
+MIN_POINTS = 16
+"""Fewest points a tile needs (the point models' k); tiles below are skipped and reported."""
+
+
+def tile_points(
+    arrays: dict[str, np.ndarray], bounds: Sequence[float], lidar: str
+) -> dict[str, np.ndarray] | str:
+    """A tile's points (`clip_points`), or why it is skipped: fewer than `MIN_POINTS` of the
+    `lidar` product (named in the reason)."""
+    points = clip_points(arrays, bounds)
+    if len(points["x"]) < MIN_POINTS:
+        return f"{len(points['x'])} {lidar} LiDAR points in the tile, fewer than {MIN_POINTS}"
+    return points
+
+
+def label_points(points: dict[str, np.ndarray], label: np.ndarray, transform: Affine) -> None:
+    """Give each point the label of the pixel it falls in (0 outside): the `label` extra
+    dimension of points.laz, which training uses instead of ASPRS codes."""
+    points["label"] = sample_at(label, transform, points["x"], points["y"], np.uint8(0))
+
+
 def sample_at(
     raster: np.ndarray, transform: Affine, x: np.ndarray, y: np.ndarray, fill
 ) -> np.ndarray:

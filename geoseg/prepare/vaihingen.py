@@ -35,11 +35,12 @@ from geoseg.prepare.sources import (
     check_same_grid,
     clip_points,
     find_files,
+    label_points,
     las_items,
     raster_grid,
     read_points,
     read_raster,
-    sample_at,
+    tile_points,
 )
 from geoseg.prepare.tiles import GridTile, TileData, grid_tiles
 
@@ -99,9 +100,6 @@ carry a geotransform but no CRS (the 2D TOPs and the LAS strips)."""
 
 ACQUIRED = datetime(2008, 8, 1)
 """Summer 2008 (DGPF camera test flights and ALS50 strips); the exact days are not used."""
-
-MIN_POINTS = 16
-"""Fewest points a tile needs (the point models' k); tiles below are skipped and reported."""
 
 
 @dataclass(frozen=True)
@@ -342,11 +340,11 @@ def _loader(area: Area, lidar: Lidar):
         image[[3, 0, 1]] = irrg  # IR, R, G -> R, G, B (missing), NIR
 
         def read(tile: GridTile, split: str) -> TileData | str:
-            pts = clip_points(points, tile.bounds)
-            if len(pts["x"]) < MIN_POINTS:
-                return f"{len(pts['x'])} {lidar.kind} LiDAR points, fewer than {MIN_POINTS}"
+            pts = tile_points(points, tile.bounds, lidar.kind)
+            if isinstance(pts, str):
+                return pts
             label = _pad(scored, tile, 0)
-            pts["label"] = sample_at(label, tile.transform, pts["x"], pts["y"], np.uint8(0))
+            label_points(pts, label, tile.transform)
             labels = {"label": label}
             if split != "train":
                 labels["label_full"] = _pad(full, tile, 0)
