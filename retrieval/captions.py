@@ -40,6 +40,15 @@ HEIGHT_LEVELS: dict[str, tuple[tuple[str, float], ...]] = {
 }
 """95th-percentile height above ground (m) -> category (first bound the height reaches)."""
 
+ELEVATION_LEVELS: tuple[tuple[str, float], ...] = (
+    ("mountain", 1500.0),
+    ("hill", 500.0),
+    ("middle", 200.0),
+    ("lowland", -1e9),
+)
+"""Median ground elevation (m above the survey's vertical datum, ~sea level for 3DEP and IGN
+LiDAR) -> category; `middle` is not mentioned."""
+
 PRESENT = 0.1
 """A class counts as a visible part of the scene (heights, relevance checks) from this share."""
 
@@ -56,6 +65,7 @@ class Facts:
     layout: tuple[str, ...] = ()  # tree_line / scattered_trees / forest_gaps / buildings_in_trees
     colour: tuple[str, ...] = ()  # green / brown / grey / dark / bright
     texture: str | None = None  # smooth / coarse
+    elevation: str | None = None  # mountain / hill / lowland (median ground elevation)
 
 
 def kind_shares(tile: TileInfo) -> dict[str, float]:
@@ -93,6 +103,7 @@ def facts(tile: TileInfo) -> Facts:
         None if ndvi is None else _level(ndvi, (("lush", 0.35), ("moderate", 0.15), ("sparse", -9)))
     )
     terrain = None if slope is None else _level(slope, (("steep", 10), ("gentle", 4), ("flat", -1)))
+    elevation = s.get("elevation_m")
     return Facts(
         shares,
         heights,
@@ -104,6 +115,7 @@ def facts(tile: TileInfo) -> Facts:
         None
         if s.get("texture") is None
         else _level(s["texture"], (("coarse", 10), ("smooth", -1))),
+        None if elevation is None else _level(elevation, ELEVATION_LEVELS),
     )
 
 
@@ -170,6 +182,7 @@ class Vocabulary:
     layout: dict[str, tuple[str, ...]]
     colour: dict[str, tuple[str, ...]]
     texture: dict[str, tuple[str, ...]]
+    elevation: dict[str, tuple[str, ...]]
     frames: tuple[str, ...]
     empty: str = "an area without labelled land cover"
     joins: tuple[str, ...] = field(default=(" with ", " and ", ", plus "))
@@ -180,7 +193,16 @@ N3C = Vocabulary(
         "building": ("buildings", "houses", "rooftops", "built structures", "homes", "sheds"),
         "tree": ("trees", "canopy", "tree crowns", "treetops"),
         "ground": ("open ground", "bare ground", "open land", "ground"),
-        "ground_bare": ("bare soil", "bare earth", "bare ground", "dirt", "cleared land"),
+        "ground_bare": (
+            "bare soil",
+            "bare earth",
+            "bare ground",
+            "dirt",
+            "cleared land",
+            "a bare field",
+            "tilled land",
+            "fallow land",
+        ),
         "ground_green": ("grass field", "green field", "meadow", "pasture", "farmland"),
         "low_vegetation": ("low vegetation", "grass and shrubs", "low plants", "scrub", "brush"),
         "water": ("water", "open water", "a water surface", "a pond or river"),
@@ -261,6 +283,11 @@ N3C = Vocabulary(
         "smooth": ("smooth, uniform texture", "even, featureless surface"),
         "coarse": ("rough, coarse texture", "busy, uneven texture"),
     },
+    elevation={
+        "mountain": ("in the mountains", "at high elevation", "high-altitude terrain"),
+        "hill": ("in hill country", "in the uplands", "at moderate elevation"),
+        "lowland": ("in the lowlands", "at low elevation", "low-lying land"),
+    },
     frames=(
         "Aerial view of {body}{extras}.",
         "{Body}{extras}.",
@@ -281,6 +308,45 @@ def captions(
     """`n` training captions of a tile with varied phrasing; deterministic for a given `rng`."""
     f = facts(tile)
     return [_caption(f, rng, vocabulary) for _ in range(n)]
+
+
+DOCUMENT_WEIGHTS = {"dominant": 2.0, "kind": 1.0, "layout": 1.0, "attribute": 0.5}
+"""Weight of each facet in a tile document: the dominant surface kind counts most; terrain,
+elevation, vigour, texture and colour least (they describe, they do not define, a tile)."""
+DOCUMENT_VERSION = 1
+"""Bump when `document` or the Vocabulary's words change: indexes of older documents differ."""
+
+
+def document(tile: TileInfo, vocabulary: Vocabulary = N3C) -> list[tuple[float, tuple[str, ...]]]:
+    """The tile's facts as weighted facets, each facet the full synonym set of its phrases
+    ("mostly trees", "trees filling the frame", ..., "tall forest", ...); deterministic.
+
+    An index embeds every phrase with the text tower and a facet as the mean of its phrases, so
+    the tile's document vector covers every wording the grammar knows instead of one random
+    caption; phrases repeat across tiles, so an archive needs few distinct embeddings."""
+    f, v, w = facts(tile), vocabulary, DOCUMENT_WEIGHTS
+    out: list[tuple[float, tuple[str, ...]]] = []
+    for i, (kind, share) in enumerate(f.shares.items()):
+        words = v.kinds[_refined(kind, f)]
+        if share in ("most", "much"):
+            words += v.large.get(kind, ())
+        phrases = [template.format(w=word) for template in v.shares[share] for word in words]
+        if kind in f.heights:
+            phrases += [f"{h} {word}" for h in v.heights[kind][f.heights[kind]] for word in words]
+        if i == 0 and share == "most":
+            phrases += words
+        out.append((w["dominant"] if i == 0 else w["kind"], tuple(phrases)))
+    out += [(w["layout"], v.layout[key]) for key in f.layout]
+    for table, key in (
+        (v.terrain, f.terrain),
+        (v.elevation, f.elevation),
+        (v.vigour, f.vigour),
+        (v.texture, f.texture),
+    ):
+        if key in table:
+            out.append((w["attribute"], table[key]))
+    out += [(w["attribute"], v.colour[c]) for c in f.colour]
+    return out or [(1.0, (v.empty,))]
 
 
 def _caption(f: Facts, rng: np.random.Generator, v: Vocabulary) -> str:
@@ -312,6 +378,8 @@ def _caption(f: Facts, rng: np.random.Generator, v: Vocabulary) -> str:
             extras.append(_pick(rng, v.layout[key]))
     if f.terrain and rng.random() < 0.5:
         extras.append(_pick(rng, v.terrain[f.terrain]))
+    if f.elevation in v.elevation and rng.random() < 0.5:
+        extras.append(_pick(rng, v.elevation[f.elevation]))
     if f.vigour and rng.random() < 0.5:
         extras.append(_pick(rng, v.vigour[f.vigour]))
     if f.texture and rng.random() < 0.3:

@@ -30,7 +30,7 @@ CLASSES: tuple[str, ...] = CLASS_NAMES[1:]
 """Labelled classes (others, ground, tree, building); fractions are over labelled pixels."""
 
 STATS_FILE = "retrieval_stats.parquet"
-STATS_VERSION = 2
+STATS_VERSION = 3
 """Bump when `tile_stats` changes so stale caches are recomputed."""
 
 GROUND = CLASS_NAMES.index("ground")
@@ -144,14 +144,15 @@ def tile_stats(data: Path, tile_id: str) -> dict[str, float | None]:
             stats[f"{name}_height_p95"] = float(np.percentile(h, 95)) if h.size else None
         gy, gx = np.gradient(ground, gsd)
         stats["slope_deg"] = float(np.degrees(np.arctan(np.nanmean(np.hypot(gx, gy)))))
-        lo, hi = np.nanpercentile(ground, [2, 98])
+        lo, mid, hi = np.nanpercentile(ground, [2, 50, 98])
         stats["relief_m"] = float(hi - lo)
+        stats["elevation_m"] = float(mid)
     else:
         stats |= dict.fromkeys(
             ("building_height_p50", "building_height_p95", "tree_height_p50", "tree_height_p95"),
             None,
         )
-        stats |= {"slope_deg": None, "relief_m": None}
+        stats |= {"slope_deg": None, "relief_m": None, "elevation_m": None}
     red, nir = tile.image[0].astype(np.float64), tile.image[3].astype(np.float64)
     valid = (red > 0) & (nir > 0)  # NIR 0 = band missing (3-band scenes) or nodata
     ndvi = (nir[valid] - red[valid]) / (nir[valid] + red[valid])

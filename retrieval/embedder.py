@@ -37,7 +37,10 @@ TEMPLATES: dict[str, str] = {
 }
 """Instructions in the style of the paper's Tables 11-12: the query and the candidate kinds."""
 
-CONFIG_KEYS = ("backbone", "templates", "max_text_tokens")
+CONFIG_KEYS = ("backbone", "templates", "max_text_tokens", "document_weight")
+
+Document = list[tuple[float, tuple[str, ...]]]
+"""A tile document (`retrieval.captions.document`): weighted facets, each a set of phrases."""
 
 
 @contextlib.contextmanager
@@ -71,6 +74,10 @@ class TileEmbedder(nn.Module):
 
     In training mode the embed methods build a graph; in eval mode (what `load_embedder`
     returns) they run without gradients.
+
+    `document_weight` > 0: an indexed tile is embedded as the Magic-MM "image + text" candidate
+    of its tile document (`embed_tiles(..., documents=)`): the image vector and the document
+    vector (its facts written out, through the same text tower) are fused by this weight.
     """
 
     def __init__(
@@ -79,11 +86,22 @@ class TileEmbedder(nn.Module):
         *,
         templates: dict[str, str] | None = None,
         max_text_tokens: int = 64,
+        document_weight: float = 0.0,
     ):
         super().__init__()
+        if not 0.0 <= document_weight < 1.0:
+            raise ValueError(f"document_weight must be in [0, 1), not {document_weight}")
         self.backbone = backbone
         self.templates = {**TEMPLATES, **(templates or {})}
         self.max_text_tokens = max_text_tokens
+        self.document_weight = document_weight
+        self._phrases: dict[str, Tensor] = {}
+
+    def train(self, mode: bool = True) -> TileEmbedder:
+        """Also forgets cached phrase vectors: training changes nothing of a frozen text tower,
+        but a trainable one would leave them stale."""
+        self._phrases.clear()
+        return super().train(mode)
 
     @property
     def dim(self) -> int:
@@ -106,6 +124,7 @@ class TileEmbedder(nn.Module):
             "backbone": self.backbone.spec(),
             "templates": dict(self.templates),
             "max_text_tokens": self.max_text_tokens,
+            "document_weight": self.document_weight,
         }
 
     @property
@@ -129,13 +148,42 @@ class TileEmbedder(nn.Module):
             hidden = self.backbone.hidden(images, prompts, self.max_text_tokens, features)
         return F.normalize(hidden.float(), dim=-1)
 
-    def embed_tiles(self, images: Tensor, texts: list[str] | None = None) -> Tensor:
-        """(B, 3, H, W) RGB in [0, 1] [+ a text per tile] -> (B, dim), L2-normalised."""
+    def embed_tiles(
+        self,
+        images: Tensor,
+        texts: list[str] | None = None,
+        documents: list[Document] | None = None,
+    ) -> Tensor:
+        """(B, 3, H, W) RGB in [0, 1] [+ a text per tile in the sequence] [+ a tile document
+        per tile, fused by `document_weight`] -> (B, dim), L2-normalised."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected (B, 3, H, W) RGB tiles, got shape {tuple(images.shape)}")
         if texts is None:
-            return self.embed(images.unsqueeze(1), [""] * images.shape[0], "tile")
-        return self.embed(images.unsqueeze(1), texts, "tile_text")
+            vectors = self.embed(images.unsqueeze(1), [""] * images.shape[0], "tile")
+        else:
+            vectors = self.embed(images.unsqueeze(1), texts, "tile_text")
+        if documents is None or not self.document_weight:
+            return vectors
+        if len(documents) != len(vectors):
+            raise ValueError(f"{len(documents)} documents for {len(vectors)} tiles")
+        docs = torch.stack([self.embed_document(d) for d in documents]).to(vectors)
+        w = self.document_weight
+        return F.normalize((1 - w) * vectors + w * docs, dim=-1)
+
+    @torch.no_grad()
+    def embed_document(self, document: Document) -> Tensor:
+        """(dim,) vector of a tile document: each facet is the mean of its phrases' text
+        embeddings (`embed_texts`, cached: phrases repeat across tiles), normalised; the
+        document is the weighted sum of its facets, normalised."""
+        new = list({p for _, phrases in document for p in phrases} - self._phrases.keys())
+        for i in range(0, len(new), 64):
+            chunk = new[i : i + 64]
+            self._phrases |= dict(zip(chunk, self.embed_texts(chunk).float().cpu(), strict=True))
+        facets = [
+            weight * F.normalize(torch.stack([self._phrases[p] for p in phrases]).mean(0), dim=0)
+            for weight, phrases in document
+        ]
+        return F.normalize(torch.stack(facets).sum(0), dim=0)
 
     def tile_features(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> (B, tokens, C) frozen visual features, for training
@@ -191,6 +239,7 @@ def create_embedder(config: dict[str, Any]) -> TileEmbedder:
         backbone,
         templates=config.get("templates"),
         max_text_tokens=config.get("max_text_tokens", 64),
+        document_weight=config.get("document_weight", 0.0),
     )
 
 
@@ -206,7 +255,10 @@ def load_embedder(path_or_hf_id: str | Path, device: str | torch.device = AUTO) 
     if (folder / "config.yaml").is_file():
         config, backbone = read_folder(folder)
         embedder = TileEmbedder(
-            backbone, templates=config["templates"], max_text_tokens=config["max_text_tokens"]
+            backbone,
+            templates=config["templates"],
+            max_text_tokens=config["max_text_tokens"],
+            document_weight=config.get("document_weight", 0.0),
         )
         load_model(embedder, str(folder / "model.safetensors"))
     elif folder.exists() and not (folder / "config.json").is_file():

@@ -18,7 +18,7 @@ dropped batch by batch; rankings come from faiss (top 10, O(n·k) memory, no n×
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 from geoseg.builder.writers import write_bytes_atomic, write_json
 from geoseg.device import AUTO, resolve_device
 from retrieval.data import TileInfo, load_tiles, tile_rgb
-from retrieval.index import make_faiss, open_embedder
+from retrieval.index import embed_tile_batch, make_faiss, open_embedder
 from retrieval.queries import (
     EVAL_QUERIES,
     HIT_KS,
@@ -51,20 +51,12 @@ def pool_mask(tiles: Sequence[TileInfo], pool: str) -> np.ndarray:
     return np.array([t.split != "train" for t in tiles])
 
 
-def image_batches(data: Path, tiles: Sequence[TileInfo], size: int) -> Iterator[torch.Tensor]:
-    """(B, 3, H, W) RGB batches read on demand: memory holds one batch of images, not the pool."""
-    for i in range(0, len(tiles), size):
-        yield torch.stack([tile_rgb(data, t.tile_id) for t in tiles[i : i + size]])
-
-
-@torch.inference_mode()
-def embed_pool(
-    embedder: Any, data: Path, tiles: Sequence[TileInfo], device: torch.device, batch_size: int
-) -> np.ndarray:
-    """(N, dim) float32 tile vectors, streamed."""
+def embed_pool(embedder: Any, data: Path, tiles: Sequence[TileInfo], batch_size: int) -> np.ndarray:
+    """(N, dim) float32 tile vectors, embedded as `geoseg index` does, streamed: memory holds
+    one batch of images, not the pool."""
     out = [
-        embedder.embed_tiles(batch.to(device)).float().cpu().numpy()
-        for batch in image_batches(data, tiles, batch_size)
+        embed_tile_batch(embedder, data, tiles[i : i + batch_size])
+        for i in range(0, len(tiles), batch_size)
     ]
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
@@ -134,7 +126,7 @@ def evaluate_retrieval(
     for model in models:
         ref, reranker_dir = _model_paths(model)
         embedder = open_embedder(ref, device=device)
-        vectors = embed_pool(embedder, data, tiles, device, batch_size)
+        vectors = embed_pool(embedder, data, tiles, batch_size)
         with torch.inference_mode():
             qvec = embedder.embed_queries(texts).float().cpu().numpy()
         for pool in POOLS:

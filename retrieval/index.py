@@ -57,12 +57,33 @@ class SearchIndexError(ValueError):
 
 
 class Embedder(Protocol):
-    """What indexing needs from `retrieval.embedder.TileEmbedder`."""
+    """What indexing needs from `retrieval.embedder.TileEmbedder` (an OpenCLIP model has no
+    `document_weight`: it embeds images only)."""
 
     dim: int
     fingerprint: str
 
-    def embed_tiles(self, images: Tensor, texts: list[str] | None = None) -> Tensor: ...
+    def embed_tiles(self, images: Tensor) -> Tensor: ...
+
+
+def uses_documents(embedder: Any) -> bool:
+    """Whether the embedder fuses tile documents into tile vectors (`document_weight` > 0)."""
+    return bool(getattr(embedder, "document_weight", 0.0))
+
+
+@torch.inference_mode()
+def embed_tile_batch(embedder: Any, data: Path, batch: Sequence[TileInfo]) -> np.ndarray:
+    """(B, dim) float32 vectors of built tiles: the RGB image, fused with each tile's document
+    (`retrieval.captions.document`: its labels, LiDAR heights, NDVI, terrain written out)
+    when the embedder uses documents. The one way index and evaluation embed a tile."""
+    images = torch.stack([tile_rgb(data, t.tile_id) for t in batch])
+    if uses_documents(embedder):
+        from retrieval.captions import document
+
+        vectors = embedder.embed_tiles(images, documents=[document(t) for t in batch])
+    else:
+        vectors = embedder.embed_tiles(images)
+    return np.ascontiguousarray(vectors.float().cpu().numpy(), dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -132,6 +153,7 @@ def build_index(
         "dim": int(embedder.dim),
         "data": str(data),
         "shard_size": shard_size,
+        "document_version": _document_version(embedder),
         "state": "building",
     }
     _check_resumable(out, meta)
@@ -176,6 +198,20 @@ def _check_resumable(out: Path, meta: dict[str, Any]) -> None:
         )
     if old.get("data") != meta["data"] or old.get("shard_size") != meta["shard_size"]:
         raise SearchIndexError(f"{out} holds an index of {old.get('data')}; choose a new --out")
+    if old.get("document_version") != meta["document_version"]:
+        raise SearchIndexError(
+            f"{out} holds tile documents of another caption grammar "
+            f"(version {old.get('document_version')}); choose a new --out"
+        )
+
+
+def _document_version(embedder: Any) -> int | None:
+    """Version of the tile documents in the vectors (None: image-only vectors)."""
+    if not uses_documents(embedder):
+        return None
+    from retrieval.captions import DOCUMENT_VERSION
+
+    return DOCUMENT_VERSION
 
 
 def _shard_path(out: Path, k: int) -> Path:
@@ -189,12 +225,10 @@ def _shard_done(out: Path, k: int, shard: list[TileInfo]) -> bool:
     return list(np.load(path)["tile_ids"]) == [t.tile_id for t in shard]
 
 
-@torch.inference_mode()
 def _embed(embedder: Embedder, data: Path, batch: list[TileInfo], bar: tqdm) -> np.ndarray:
-    images = torch.stack([tile_rgb(data, t.tile_id) for t in batch])
-    vectors = embedder.embed_tiles(images).float().cpu().numpy()
+    vectors = embed_tile_batch(embedder, data, batch)
     bar.update(len(batch))
-    return np.ascontiguousarray(vectors, dtype=np.float32)
+    return vectors
 
 
 def make_faiss(vectors: np.ndarray, kind: str) -> faiss.Index:
