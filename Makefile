@@ -11,7 +11,7 @@ DEMO   ?= runs/demo
 # The sample's 0.5 m RGBN scene (Lambert-93 site); its LiDAR comes from the sample STAC API.
 SCENE  := data_catalog/sample/assets/naip/fr_lambert93_0484_6633_050_2024.tif
 
-.PHONY: demo test lint venv clean-demo
+.PHONY: demo test lint venv clean-demo screenshots
 
 venv: $(STAMP)
 
@@ -62,6 +62,12 @@ test: venv $(QGIS_STAMP)
 	$(QGIS_VENV)/bin/bandit -q -r qgis_plugin -lll
 	GEOSEG_ENGINE_PYTHON=$(abspath $(BIN))/python xvfb-run -a \
 	  $(QGIS_VENV)/bin/python -m pytest qgis_plugin/tests -q -ra -p no:cacheprovider --durations=10
+
+# docs/qgis.md's screenshots, made in real QGIS under Xvfb from the `make demo` outputs in $(DEMO).
+screenshots: venv $(QGIS_STAMP)
+	GEOSEG_ENGINE_PYTHON=$(abspath $(BIN))/python GEOSEG_QGIS_DEMO=$(DEMO) \
+	  GEOSEG_QGIS_SCREENSHOTS=$(abspath docs/img) xvfb-run -a -s '-screen 0 1600x1000x24' \
+	  $(QGIS_VENV)/bin/python -m pytest qgis_plugin/tests/test_screenshots.py -q -p no:cacheprovider
 
 lint: venv
 	$(BIN)/ruff check .

@@ -59,6 +59,16 @@ crs = src.header.parse_crs()
 
 
 @pytest.fixture(scope="session", autouse=True)
+def repo_data_untouched() -> Iterator[None]:
+    """No test (nor the plugin, the engine or QGIS under it) writes into the repo's sample data:
+    a stray `.aux.xml` there once came from a test opening the sample scene as a QGIS layer."""
+    data = ROOT / "data_catalog"
+    before = listing(data)
+    yield
+    assert listing(data) == before, sorted(listing(data) ^ before)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def engine_env(tmp_path_factory: pytest.TempPathFactory, qgis_app: Any) -> Iterator[str]:
     """Point the plugin at the repo's engine; keep the engine's state and the plugin's outputs
     out of the user's home."""
@@ -166,7 +176,28 @@ def user_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run(
         [ENGINE, "-c", MAKE_EPT, str(COPC), str(folder / "ept")], check=True, timeout=120
     )
+    seen_in_qgis(folder / SCENE.name)
     return folder
+
+
+def seen_in_qgis(raster: Path) -> None:
+    """The user has looked at `raster` in QGIS before: QGIS itself (its default renderer's
+    contrast stretch) keeps approximate band statistics in `raster.aux.xml`, written when the
+    layer closes. That file is QGIS's, not the plugin's; making it first lets the side-effect
+    checks see every file the plugin writes, including at layer close."""
+    from qgis.core import QgsMapRendererSequentialJob, QgsMapSettings, QgsRasterLayer
+    from qgis.PyQt.QtCore import QSize
+
+    layer = QgsRasterLayer(str(raster), "seen")
+    settings = QgsMapSettings()
+    settings.setLayers([layer])
+    settings.setDestinationCrs(layer.crs())
+    settings.setExtent(layer.extent())
+    settings.setOutputSize(QSize(64, 64))
+    job = QgsMapRendererSequentialJob(settings)
+    job.start()
+    job.waitForFinished()
+    del job, settings, layer
 
 
 def write_raster(

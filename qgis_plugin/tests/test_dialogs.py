@@ -109,8 +109,10 @@ def test_segment_sample_scene_with_ikdnet_and_its_lidar(
     assert len(classes) == 1 and classes[0].isValid()
     assert legend(classes[0]) == CLASSES
     assert classes[0].crs().authid() == "EPSG:2154"
-    assert listing(user_data) == before  # nothing written beside the user's scene or LiDAR
     dialog.close()
+    QgsProject.instance().removeAllMapLayers()  # GDAL writes side files when datasets close
+    flush_deletes()
+    assert listing(user_data) == before  # nothing written beside the user's scene or LiDAR
 
 
 def test_segment_shows_lidar_inputs_only_for_point_models(
