@@ -9,7 +9,8 @@ categories, so a caption never claims what the relevance grade would not reward.
 The words live in a `Vocabulary`, one per class set: `N3C` is the instance for the N3C labels
 (others / ground / tree / building), refined by the raw ASPRS codes the labels fold together
 (water 9 and bridge deck 17 are `others`, like low vegetation 3; road surface 11 is unlabelled)
-so water and bridges are named as what they are. Another class set brings its own Vocabulary.
+so water and bridges are named as what they are. A tile of another class set (a `geoseg prepare`
+benchmark build) is described by its class shares in its class names (`vocabulary_for`).
 
 Evaluation never uses this module's words: its queries are a separate file written by hand
 (`retrieval/queries/`), graded by their own label rules (`retrieval.queries`).
@@ -20,7 +21,8 @@ Evaluation never uses this module's words: its queries are a separate file writt
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cache
 
 import numpy as np
 
@@ -71,8 +73,11 @@ class Facts:
 def kind_shares(tile: TileInfo) -> dict[str, float]:
     """Labelled-pixel shares of the surface kinds captions name: the N3C classes with `others`
     split into low vegetation / water / bridge by its ASPRS point shares, and road surface
-    (ASPRS 11, outside the N3C labels) by its share of the points."""
-    shares = {c: tile.class_fractions.get(c, 0.0) for c in CLASSES}
+    (ASPRS 11, outside the N3C labels) by its share of the points. In another class set, whose
+    labels come from a benchmark's reference rather than ASPRS codes: its class shares."""
+    shares = {c: tile.class_fractions.get(c, 0.0) for c in tile.classes}
+    if tile.classes != CLASSES:
+        return shares
     others = shares.pop("others", 0.0)
     water = tile.stats.get("others_water") or 0.0
     bridge = tile.stats.get("others_bridge") or 0.0
@@ -302,12 +307,25 @@ N3C = Vocabulary(
 """The N3C instance of the caption grammar (docs/retrieval.md lists it in full)."""
 
 
+@cache
+def vocabulary_for(classes: tuple[str, ...]) -> Vocabulary:
+    """The words for tiles of a class set: N3C's, or for another set class-share sentences in
+    its class names ("mostly impervious surfaces with some building") plus the words that do
+    not depend on the classes (heights of classes named tree / building, terrain, vigour,
+    colour, texture); no N3C refinements, forest words or layout phrases."""
+    if classes == CLASSES:
+        return N3C
+    return replace(N3C, kinds={c: (c.replace("_", " "),) for c in classes}, large={}, layout={})
+
+
 def captions(
-    tile: TileInfo, rng: np.random.Generator, n: int = 1, vocabulary: Vocabulary = N3C
+    tile: TileInfo, rng: np.random.Generator, n: int = 1, vocabulary: Vocabulary | None = None
 ) -> list[str]:
-    """`n` training captions of a tile with varied phrasing; deterministic for a given `rng`."""
+    """`n` training captions of a tile with varied phrasing; deterministic for a given `rng`.
+    The vocabulary defaults to the tile's class set's (`vocabulary_for`)."""
     f = facts(tile)
-    return [_caption(f, rng, vocabulary) for _ in range(n)]
+    v = vocabulary or vocabulary_for(tile.classes)
+    return [_caption(f, rng, v) for _ in range(n)]
 
 
 DOCUMENT_WEIGHTS = {"dominant": 2.0, "kind": 1.0, "layout": 1.0, "attribute": 0.5}
@@ -317,17 +335,20 @@ DOCUMENT_VERSION = 1
 """Bump when `document` or the Vocabulary's words change: indexes of older documents differ."""
 
 
-def document(tile: TileInfo, vocabulary: Vocabulary = N3C) -> list[tuple[float, tuple[str, ...]]]:
+def document(
+    tile: TileInfo, vocabulary: Vocabulary | None = None
+) -> list[tuple[float, tuple[str, ...]]]:
     """The tile's facts as weighted facets, each facet the full synonym set of its phrases
     ("mostly trees", "trees filling the frame", ..., "tall forest", ...); deterministic.
 
     An index embeds every phrase with the text tower and a facet as the mean of its phrases, so
     the tile's document vector covers every wording the grammar knows instead of one random
-    caption; phrases repeat across tiles, so an archive needs few distinct embeddings."""
-    f, v, w = facts(tile), vocabulary, DOCUMENT_WEIGHTS
+    caption; phrases repeat across tiles, so an archive needs few distinct embeddings. The
+    vocabulary defaults to the tile's class set's (`vocabulary_for`)."""
+    f, v, w = facts(tile), vocabulary or vocabulary_for(tile.classes), DOCUMENT_WEIGHTS
     out: list[tuple[float, tuple[str, ...]]] = []
     for i, (kind, share) in enumerate(f.shares.items()):
-        words = v.kinds[_refined(kind, f)]
+        words = v.kinds[_refined(kind, f, v)]
         if share in ("most", "much"):
             words += v.large.get(kind, ())
         phrases = [template.format(w=word) for template in v.shares[share] for word in words]
@@ -336,7 +357,7 @@ def document(tile: TileInfo, vocabulary: Vocabulary = N3C) -> list[tuple[float, 
         if i == 0 and share == "most":
             phrases += words
         out.append((w["dominant"] if i == 0 else w["kind"], tuple(phrases)))
-    out += [(w["layout"], v.layout[key]) for key in f.layout]
+    out += [(w["layout"], v.layout[key]) for key in f.layout if key in v.layout]
     for table, key in (
         (v.terrain, f.terrain),
         (v.elevation, f.elevation),
@@ -352,7 +373,7 @@ def document(tile: TileInfo, vocabulary: Vocabulary = N3C) -> list[tuple[float, 
 def _caption(f: Facts, rng: np.random.Generator, v: Vocabulary) -> str:
     parts = []
     for i, (kind, share) in enumerate(f.shares.items()):
-        words = v.kinds[_refined(kind, f)]
+        words = v.kinds[_refined(kind, f, v)]
         if share in ("most", "much"):
             words += v.large.get(kind, ())
         word = _pick(rng, words)
@@ -374,7 +395,7 @@ def _caption(f: Facts, rng: np.random.Generator, v: Vocabulary) -> str:
         body += _pick(rng, v.joins) + " and ".join(parts[1:])
     extras = []
     for key in f.layout:
-        if rng.random() < 0.8:
+        if key in v.layout and rng.random() < 0.8:
             extras.append(_pick(rng, v.layout[key]))
     if f.terrain and rng.random() < 0.5:
         extras.append(_pick(rng, v.terrain[f.terrain]))
@@ -401,12 +422,13 @@ def _caption(f: Facts, rng: np.random.Generator, v: Vocabulary) -> str:
     return text.replace("A a", "An a").replace("A e", "An e")
 
 
-def _refined(kind: str, f: Facts) -> str:
+def _refined(kind: str, f: Facts, v: Vocabulary) -> str:
     """LiDAR "ground" is whatever is at ground level: green with NIR vigour (a field, a meadow),
     bare without, unknown (open ground) without NIR."""
     if kind != "ground" or f.vigour is None:
         return kind
-    return "ground_bare" if f.vigour == "sparse" else "ground_green"
+    refined = "ground_bare" if f.vigour == "sparse" else "ground_green"
+    return refined if refined in v.kinds else kind
 
 
 def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:

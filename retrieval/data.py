@@ -1,6 +1,7 @@
 """Tiles of a `geoseg build-dataset` folder as retrieval items: metadata, statistics, RGB.
 
-Captions, relevance grades and index metadata all come from one `TileInfo` per tile. Its
+Captions, relevance grades and index metadata all come from one `TileInfo` per tile, which
+carries its build's class set (N3C, or a `geoseg prepare` benchmark's: stats.json). Its
 statistics (heights above ground, NDVI, terrain) need the tile's rasters and points, so they are
 computed once and cached in the build folder (`retrieval_stats.parquet`, keyed by tile id and
 a stats version); later calls read only that file and `index.parquet`.
@@ -23,18 +24,35 @@ from torch import Tensor
 from tqdm import tqdm
 
 from geoseg.builder.writers import atomic_path, safe_join
-from geoseg.classes import CLASS_NAMES
+from geoseg.classes import N3C, build_classes
 from geoseg.plot import TileLayers, read_tile, stretch
 
-CLASSES: tuple[str, ...] = CLASS_NAMES[1:]
-"""Labelled classes (others, ground, tree, building); fractions are over labelled pixels."""
+CLASSES: tuple[str, ...] = N3C.real
+"""N3C's labelled classes (others, ground, tree, building): a `TileInfo`'s default class set."""
 
 STATS_FILE = "retrieval_stats.parquet"
-STATS_VERSION = 3
+STATS_VERSION = 4
 """Bump when `tile_stats` changes so stale caches are recomputed."""
 
-GROUND = CLASS_NAMES.index("ground")
-"""Point class of the ASPRS ground returns (code 2 only, `geoseg.classes`)."""
+GROUND_LEVEL: frozenset[str] = frozenset(
+    {
+        "ground",  # N3C: ASPRS 2 only
+        "impervious_surfaces",  # ISPRS
+        "low_vegetation",
+        "healthy_grass",  # DFC2018
+        "stressed_grass",
+        "artificial_turf",
+        "bare_earth",
+        "roads",
+        "sidewalks",
+        "crosswalks",
+        "major_thoroughfares",
+        "paved_parking_lots",
+        "unpaved_parking_lots",
+    }
+)
+"""Classes whose points lie on the ground, in the class sets geoseg builds; the ground surface
+under a tile is interpolated from their points (a class set naming none: a low DSM quantile)."""
 GROUND_CELL_M = 4.0
 """Ground points are binned on cells of this size (median z) before interpolation: coarse
 enough that every cell under a canopy usually holds some ground returns."""
@@ -51,16 +69,18 @@ class TileInfo:
     crs: str
     year: int
     class_fractions: dict[str, float] = field(default_factory=dict)
-    """others/ground/tree/building share of the *labelled* pixels (sums to 1, or all 0)."""
+    """Each class's share of the *labelled* pixels (sums to 1, or all 0)."""
     stats: dict[str, float | None] = field(default_factory=dict)
     """See `tile_stats`: heights (m), NDVI, terrain relief (m) and slope (deg); None = unknown."""
+    classes: tuple[str, ...] = CLASSES
+    """The build's labelled classes (label values 1..K-1), N3C's by default."""
 
     @property
     def dominant(self) -> str | None:
         """Class with the largest labelled share, None for a tile without labels."""
         if not any(self.class_fractions.values()):
             return None
-        return max(CLASSES, key=lambda c: self.class_fractions.get(c, 0.0))
+        return max(self.classes, key=lambda c: self.class_fractions.get(c, 0.0))
 
 
 def load_tiles(data: Path, split: str | None = None, progress: bool = False) -> list[TileInfo]:
@@ -77,13 +97,16 @@ def load_tiles(data: Path, split: str | None = None, progress: bool = False) -> 
             raise ValueError(f"split {split!r} of {data} has no tiles")
         index = index[index["split"] == split].reset_index(drop=True)
     stats = _cached_stats(data, index, progress)
-    return [_tile_info(row, stats.get(row["tile_id"], {})) for row in index.to_dict("records")]
+    classes = build_classes(data).real
+    return [
+        _tile_info(row, stats.get(row["tile_id"], {}), classes) for row in index.to_dict("records")
+    ]
 
 
-def _tile_info(row: dict[str, Any], stats: dict[str, Any]) -> TileInfo:
+def _tile_info(row: dict[str, Any], stats: dict[str, Any], classes: tuple[str, ...]) -> TileInfo:
     # index.parquet's frac_<class> are already shares of the labelled pixels; renormalise only
     # against rounding.
-    raw = {c: float(row[f"frac_{c}"]) for c in CLASSES}
+    raw = {c: float(row[f"frac_{c}"]) for c in classes}
     total = sum(raw.values())
     fractions = {c: (v / total if total > 0 else 0.0) for c, v in raw.items()}
     return TileInfo(
@@ -94,6 +117,7 @@ def _tile_info(row: dict[str, Any], stats: dict[str, Any]) -> TileInfo:
         year=int(row["year"]),
         class_fractions=fractions,
         stats={k: (None if v is None or _isnan(v) else float(v)) for k, v in stats.items()},
+        classes=classes,
     )
 
 
@@ -129,17 +153,18 @@ def tile_stats(data: Path, tile_id: str) -> dict[str, float | None]:
 
     The ground surface is the LiDAR's own ground class binned and interpolated, not the DSM,
     because the canopy and roofs hide the ground in the DSM; tree and building heights are then
-    DSM minus that surface over the tile's tree/building pixels.
+    DSM minus that surface over the tile's tree/building pixels (classes named so; None in a
+    class set without them).
     """
     tile = read_tile(data, tile_id)
-    label, dsm = tile.label, tile.dsm
+    label, dsm, names = tile.label, tile.dsm, tile.classes.names
     gsd = (tile.bounds[2] - tile.bounds[0]) / label.shape[1]
     ground = _ground_surface(tile, gsd)
     stats: dict[str, float | None] = {}
     if ground is not None:
         hag = np.ma.masked_invalid(dsm - ground)
         for name in ("building", "tree"):
-            h = hag[(label == CLASS_NAMES.index(name)) & ~np.ma.getmaskarray(hag)].compressed()
+            h = hag[_is(label, names, name) & ~np.ma.getmaskarray(hag)].compressed()
             stats[f"{name}_height_p50"] = float(np.percentile(h, 50)) if h.size else None
             stats[f"{name}_height_p95"] = float(np.percentile(h, 95)) if h.size else None
         gy, gx = np.gradient(ground, gsd)
@@ -159,7 +184,7 @@ def tile_stats(data: Path, tile_id: str) -> dict[str, float | None]:
     stats["ndvi_mean"] = float(ndvi.mean()) if ndvi.size else None
     stats["green_fraction"] = float((ndvi > 0.3).mean()) if ndvi.size else None
     stats |= _asprs_shares(data, tile_id)
-    stats |= _layout(label)
+    stats |= _layout(label, names)
     stats |= _colour(tile.image[:3])
     return stats
 
@@ -187,12 +212,17 @@ def _asprs_shares(data: Path, tile_id: str) -> dict[str, float | None]:
     return out
 
 
-def _layout(label: np.ndarray) -> dict[str, float | None]:
+def _is(label: np.ndarray, names: tuple[str, ...], *classes: str) -> np.ndarray:
+    """Mask of the label values of the named classes (the ones the class set has)."""
+    return np.isin(label, [names.index(c) for c in classes if c in names])
+
+
+def _layout(label: np.ndarray, names: tuple[str, ...] = N3C.names) -> dict[str, float | None]:
     """Shape facts of the tree and building masks (captions say "a line of trees", "scattered
     trees", "buildings among trees"): tree patches of >= 4 px, elongation of the largest tree
     patch (sqrt of its coordinate covariance eigenvalue ratio; 1 = round), and the share of the
     ring around buildings (2 px) that is tree."""
-    tree = label == CLASS_NAMES.index("tree")
+    tree = _is(label, names, "tree")
     parts, n = ndimage.label(tree)
     sizes = np.bincount(parts.ravel())[1:] if n else np.zeros(0, int)
     out: dict[str, float | None] = {"tree_patches": float((sizes >= 4).sum())}
@@ -201,7 +231,7 @@ def _layout(label: np.ndarray) -> dict[str, float | None]:
         ys, xs = np.nonzero(parts == int(sizes.argmax()) + 1)
         lo, hi = np.linalg.eigvalsh(np.cov(np.stack([xs, ys]).astype(float)))
         out["tree_elongation"] = float(np.sqrt(hi / max(lo, 1e-6)))
-    building = label == CLASS_NAMES.index("building")
+    building = _is(label, names, "building")
     ring = ndimage.binary_dilation(building, iterations=2) & ~building & (label > 0)
     out["building_tree_contact"] = float(tree[ring].mean()) if ring.any() else None
     return out
@@ -236,7 +266,7 @@ def _ground_surface(tile: TileLayers, gsd: float) -> np.ndarray | None:
     shape = tile.label.shape
     cell = max(1, round(GROUND_CELL_M / gsd))
     ny, nx = -(-shape[0] // cell), -(-shape[1] // cell)
-    g = tile.point_classes == GROUND
+    g = _is(tile.point_classes, tile.classes.names, *GROUND_LEVEL)
     if not g.any():
         valid = tile.dsm.compressed()
         return np.full(shape, np.percentile(valid, 5)) if valid.size else None

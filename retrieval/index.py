@@ -38,7 +38,7 @@ from tqdm import tqdm
 from geoseg.builder.writers import atomic_path
 from geoseg.device import AUTO, resolve_device
 from geoseg.errors import first_line
-from retrieval.data import CLASSES, TileInfo, load_tiles, tile_rgb
+from retrieval.data import TileInfo, load_tiles, tile_rgb
 
 META_FILE = "index.yaml"
 FAISS_FILE = "vectors.faiss"
@@ -272,7 +272,7 @@ def metadata_frame(tiles: Sequence[TileInfo]) -> gpd.GeoDataFrame:
             "south": t.bbox[1],
             "east": t.bbox[2],
             "north": t.bbox[3],
-            **{f"frac_{c}": t.class_fractions.get(c, 0.0) for c in CLASSES},
+            **{f"frac_{c}": t.class_fractions.get(c, 0.0) for c in t.classes},
             **{f"stat_{k}": v for k, v in t.stats.items()},
         }
         for t in tiles

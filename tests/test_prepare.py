@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,13 +21,19 @@ from geoseg.classes import ClassSet
 from geoseg.prepare.dfc2018 import DFC2018
 from geoseg.prepare.vaihingen import TEST_AREAS, VAIHINGEN, decode_labels
 from geoseg.train.task import load_model
+from retrieval.captions import captions, document, relevance
+from retrieval.data import load_tiles
+from retrieval.train import train_retrieval
 from tests.data.dfc2018 import data as dfc_data
 from tests.data.vaihingen import data as vaihingen_data
+from tests.test_retrieval_train import MICRO
 from tests.utils import checksums, cli, one_line_error
 
 pytestmark = pytest.mark.slow
 
 TINY = Path(__file__).parents[1] / "configs" / "ikdnet-tiny.yaml"
+N3C_WORDS = r"\b(others|open ground|bare ground|forest|water|road)\b|_"
+"""Words of N3C captions that name N3C classes or their refinements (and snake_case names)."""
 TILE = "32"
 
 
@@ -261,7 +268,7 @@ def test_vaihingen_train_evaluate_predict(
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     protocol = metrics["protocol"]
     assert protocol["name"] == "isprs-2d-labelling"
-    assert {f"f1/{c}" for c in VAIHINGEN.real} <= set(protocol)
+    assert {"oa", "mf1", "miou"} | {f"f1/{c}" for c in VAIHINGEN.real} <= set(protocol)
     assert protocol["oa"] == pytest.approx(metrics["pixels"]["oa"])
     confusion = json.loads((tmp_path / "eval" / "confusion.json").read_text())
     stats = json.loads((vaihingen_build / "stats.json").read_text())
@@ -273,6 +280,41 @@ def test_vaihingen_train_evaluate_predict(
     points = sorted(vaihingen_build.glob("tiles/vaihingen_area02_*/points.laz"))
     predicted(checkpoint, scene, tmp_path / "area2_classes.tif", VAIHINGEN,
               *points)  # fmt: skip
+
+
+def test_vaihingen_tile_search_with_class_set_captions(vaihingen_build: Path, tmp_path: Path):
+    """Retrieval over a prepared build: tiles carry the ISPRS classes, captions name them (not
+    N3C's), heights are measured over the ground-level classes' points, and a retrieval run
+    trained on these captions indexes and searches the build."""
+    build = Path(shutil.copytree(vaihingen_build, tmp_path / "build"))  # gets the stats cache
+    tiles = load_tiles(build)
+    assert {t.classes for t in tiles} == {VAIHINGEN.real}
+    rng = np.random.default_rng(0)
+    for t in tiles:
+        assert t.dominant in VAIHINGEN.real and relevance(t, t) == 3
+        for text in captions(t, rng, n=3):
+            assert t.dominant.replace("_", " ") in text.lower(), text
+            assert not re.search(N3C_WORDS, text), text
+        phrases = [p for _, facet in document(t) for p in facet]  # an index's tile document
+        assert not [p for p in phrases if re.search(N3C_WORDS, p)]
+    for name, height in (("tree", 10.0), ("building", 8.0)):  # the fixture's heights
+        measured = [t.stats[f"{name}_height_p95"] for t in tiles if t.class_fractions[name] > 0.1]
+        assert measured and np.allclose(measured, height, atol=0.5), (name, measured)
+
+    run = train_retrieval(MICRO, build, tmp_path / "run", max_steps=1)
+    res = cli("index", "--data", build, "--model", run, "--out", tmp_path / "index",
+              "--device", "cpu", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    hits = tmp_path / "hits.geojson"
+    res = cli("search", "mostly impervious surfaces with some building", "--index",
+              tmp_path / "index", "--k", "5", "--device", "cpu", "--out", hits)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    found = json.loads(hits.read_text())["features"]
+    assert len(found) == 5 and {f["properties"]["tile_id"] for f in found} <= {
+        t.tile_id for t in tiles
+    }
+    assert {f"frac_{c}" for c in VAIHINGEN.real} <= set(found[0]["properties"])
+    assert "frac_others" not in found[0]["properties"]
 
 
 # --- DFC2018 -----------------------------------------------------------------------------
