@@ -154,7 +154,7 @@ def write_catalog(
         id=COLLECTION_ID,
         description=(
             "N3C-California style tiles: NAIP imagery and USGS 3DEP LiDAR on one grid, labelled "
-            "from the LiDAR's ASPRS classes (others / ground / tree / building). Built by geoseg."
+            f"from the LiDAR's ASPRS classes ({' / '.join(N3C.real)}). Built by geoseg."
         ),
         extent=extent,
         title=f"geoseg tiles for {region.name}",
