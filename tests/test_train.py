@@ -19,7 +19,9 @@ from geoseg.train.config import ConfigError, load_config
 from geoseg.train.task import CONTRACT_FORMAT, CheckpointError, load_model
 from tests.utils import cli, geoseg, one_line_error
 
-TINY = Path(__file__).parents[1] / "configs" / "ikdnet-tiny.yaml"
+CONFIGS = Path(__file__).parents[1] / "configs"
+TINY = CONFIGS / "ikdnet-tiny.yaml"
+SAMPLE = CONFIGS / "ikdnet-sample.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -320,3 +322,15 @@ def test_resume_refuses_a_foreign_or_damaged_last_checkpoint(
         assert "cannot resume" in line and reason in line and "another --out" in line
         assert sorted(p.name for p in out.rglob("*")) == ["checkpoints", "last.ckpt"]
         assert (out / "checkpoints" / "last.ckpt").read_bytes() == content
+
+
+def test_the_sample_config_trains(sample_build: Path, tmp_path: Path):
+    """configs/ikdnet-sample.yaml (pretrained encoder, balance, weight offset) loads and trains a
+    few steps on the sample; its full 15-minute training is measured in docs/accuracy.md."""
+    out = tmp_path / "run"
+    res = cli("train", "--config", SAMPLE, "--data", sample_build, "--out", out,
+              "--max-steps", "2", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["model_kwargs"]["weights"] == "imagenet" and card["training"]["steps"] == 2
+    assert (out / "checkpoints" / "last.ckpt").is_file()
