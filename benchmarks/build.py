@@ -114,7 +114,7 @@ def run_once(gsd: float, tile_size: int, workers: int) -> dict[str, Any]:
         before = client.run(_worker_usage)
         busy0, ours0 = _busy_cpu(), _tree_cpu(me)
         t0 = time.perf_counter()
-        results = run_jobs(client, jobs, progress, **kwargs)
+        results = list(run_jobs(client, jobs, progress, **kwargs))
         phase["seconds"] = time.perf_counter() - t0
         busy1, ours1 = _busy_cpu(), _tree_cpu(me)
         after = client.run(_worker_usage)
@@ -147,11 +147,11 @@ def run_once(gsd: float, tile_size: int, workers: int) -> dict[str, Any]:
         "workers": workers,
         "wall_s": wall,
         "tile_phase_s": phase["seconds"],
-        "tasks": len(summary.results),
+        "tasks": summary.tasks,
         "built": built,
         "failed": summary.count("failed"),
         "tiles_per_s": built / phase["seconds"],
-        "task_s_sum": sum(r.seconds for r in summary.results),
+        "task_s_sum": summary.task_seconds,
         "workers_detail": phase["workers"],
         "worker_cores": phase["worker_cores"],
         "main_cores": phase["main_cores"],

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from geoseg import __version__
+from geoseg.stac.retry import DEFAULT_POLICY as DEFAULT_READS
 
 EXIT_BAD_INPUT = 2
 
@@ -67,6 +68,34 @@ def main() -> None:
     show_default=True,
     help="Skip tiles whose NAIP or LiDAR coverage is below this fraction.",
 )
+@click.option(
+    "--signer",
+    default="auto",
+    show_default=True,
+    help="How asset URLs are signed: auto (Planetary Computer's for its API), none, "
+    "planetary-computer, or package.module:Name for a store with its own tokens.",
+)
+@click.option(
+    "--read-tries",
+    type=int,
+    default=DEFAULT_READS.tries,
+    show_default=True,
+    help="Attempts per HTTP range request (COPC) or window read (COG) before a tile fails.",
+)
+@click.option(
+    "--read-budget",
+    type=float,
+    default=DEFAULT_READS.budget_s,
+    show_default=True,
+    help="Most seconds one asset read may wait between retries (Retry-After included).",
+)
+@click.option(
+    "--read-timeout",
+    type=float,
+    default=DEFAULT_READS.timeout_s,
+    show_default=True,
+    help="Seconds without progress after which an HTTP request is retried.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 def build_dataset_cmd(
@@ -83,6 +112,10 @@ def build_dataset_cmd(
     scheduler: str | None,
     workers: int | None,
     min_coverage: float,
+    signer: str,
+    read_tries: int,
+    read_budget: float,
+    read_timeout: float,
     no_progress: bool,
     out: Path,
 ) -> None:
@@ -122,6 +155,10 @@ def build_dataset_cmd(
         stac_url=stac_url,
         scheduler=scheduler,
         min_coverage=min_coverage,
+        signer=signer,
+        read_tries=read_tries,
+        read_budget_s=read_budget,
+        read_timeout_s=read_timeout,
     )
     if workers is not None:
         cfg.workers = workers

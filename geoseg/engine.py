@@ -56,7 +56,7 @@ ENGINE_OPS = ("describe", "diagnostics")
 EXIT_CODES = {"bad_input": 2, "failed": 1, "cancelled": 130, "protocol": 2, "crash": 3}
 # Files of a finished op worth reporting, relative to its --out folder.
 OUT_FILES = {
-    "build-dataset": {"tiles": "tiles.geojson", "report": "report.md"},
+    "build-dataset": {"tiles": "tiles.vrt", "report": "report.md"},
     "train": {"checkpoint": "checkpoints/last.ckpt", "config": "config.yaml"},
     "evaluate": {"metrics": "metrics.json"},
 }

@@ -13,6 +13,7 @@ from pathlib import Path
 import geopandas as gpd
 import laspy
 import numpy as np
+import pyogrio
 import pystac
 import pytest
 import rasterio
@@ -37,7 +38,8 @@ def test_sample_build_writes_the_full_tile_set(sample_build: Path):
     for name in (
         "collection.json",
         "index.parquet",
-        "tiles.geojson",
+        "tiles.vrt",
+        "footprints/part-0000.fgb",
         "stats.json",
         "splits.json",
         "report.md",
@@ -96,21 +98,35 @@ def test_catalog_index_and_splits(sample_build: Path):
     items = list(collection.get_items(recursive=True))
     index = gpd.read_parquet(sample_build / "index.parquet")
     assert len(items) == len(index) > 0
+    assert sorted(i.id for i in items) == index["tile_id"].tolist()
+    # The collection links sub-catalogs, never the tiles themselves (1.6 M links at state scale).
+    links = json.loads((sample_build / "collection.json").read_text())["links"]
+    assert {link["rel"] for link in links} == {"root", "child"}
     item = next(i for i in items if i.id.startswith("32611_"))
     assert item.properties["proj:code"] == "EPSG:32611"
     assert item.properties["geoseg:missing_bands"] == ["nir"]  # NEON RGB has no NIR
+    assert "geoseg:split" not in item.properties  # the dataset's, not the tile's: index.parquet
     assert {"image", "label", "dsm", "intensity", "num_returns", "points"} <= set(item.assets)
     label = item.assets["label"].to_dict()
     assert [c["name"] for c in label["classification:classes"]] == list(CLASS_NAMES)
     assert label["file:checksum"].startswith("1220")
     assert Path(item.assets["image"].get_absolute_href()).is_file()
+    parent = pystac.Catalog.from_file(str(item.get_single_link("parent").get_absolute_href()))
+    assert item.id in {i.id for i in parent.get_items()}
     assert index.crs.to_epsg() == 4326
-    footprints = gpd.read_file(sample_build / "tiles.geojson")  # the same rows for any GIS
+    footprints = gpd.read_file(sample_build / "tiles.vrt")  # the same outlines, for any GIS
+    assert footprints.crs.to_epsg() == 4326
+    assert pyogrio.list_layers(sample_build / "tiles.vrt")[:, 0].tolist() == ["tiles"]
+    footprints = footprints.sort_values("tile_id", ignore_index=True)
     assert footprints["tile_id"].tolist() == index["tile_id"].tolist()
+    assert footprints["split"].tolist() == index["split"].tolist()
     assert footprints.geometry.geom_equals_exact(index.geometry, 1e-9).all()
+    assert not (sample_build / "tiles.geojson").exists()  # gone, with its legacy `crs` member
     splits = json.loads((sample_build / "splits.json").read_text())
     assert set(index["split"]) <= {"train", "val", "test", "buffer"}
     assert sum(len(v) for v in splits.values()) == len(index)
+    for split, ids in splits.items():
+        assert ids == index.loc[index["split"] == split, "tile_id"].tolist()
 
 
 def test_torchgeo_reads_the_image_cogs(sample_build: Path):
@@ -129,8 +145,13 @@ def test_torchgeo_reads_the_image_cogs(sample_build: Path):
 
 
 def _metadata_bytes(out: Path) -> dict[str, bytes]:
-    """Every STAC item and catalog JSON of a build (what a resume must reproduce exactly)."""
-    names = [*out.glob("tiles/*/*_*.json"), out / "collection.json"]
+    """Every STAC item and catalog and the index of a build (what a resume must reproduce)."""
+    names = [
+        *out.glob("tiles/*/*_*.json"),
+        *out.glob("catalogs/*/*.json"),
+        *out.glob("footprints/*.fgb"),
+        *(out / n for n in ("collection.json", "index.parquet", "stats.json", "splits.json")),
+    ]
     return {str(p.relative_to(out)): p.read_bytes() for p in names}
 
 

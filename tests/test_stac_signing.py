@@ -1,111 +1,27 @@
-"""Signers, re-signing on HTTP 403 and href resolution; no network anywhere."""
+"""Signers, signer selection and href resolution; no network anywhere (re-signing on a real
+HTTP 403 is tested against a server in test_remote_reads.py)."""
 
 from __future__ import annotations
 
 import pickle
-import urllib.error
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import requests
 from planetary_computer import sas
-from rasterio.errors import RasterioIOError
 
 from geoseg.stac.errors import StacError
 from geoseg.stac.signing import (
     NoSigner,
     PlanetaryComputerSigner,
-    is_forbidden,
+    load_signer,
     local_path,
     signer_for,
-    with_resign,
 )
 
 BLOB = "https://naipeuwest.blob.core.windows.net/naip/v002/ca/2022/ca_060cm_2022/33118/m.tif"
-
-
-class RecordingSigner:
-    def __init__(self) -> None:
-        self.calls: list[bool] = []
-
-    def sign(self, href: str, *, refresh: bool = False) -> str:
-        self.calls.append(refresh)
-        return f"{href}?token={len(self.calls)}"
-
-
-def http_error(status: int) -> requests.HTTPError:
-    response = requests.Response()
-    response.status_code = status
-    return requests.HTTPError(f"{status} Client Error", response=response)
-
-
-def failing_first(error: Exception):
-    seen: list[str] = []
-
-    def read(href: str) -> str:
-        seen.append(href)
-        if len(seen) == 1:
-            raise error
-        return f"read {href}"
-
-    return read, seen
-
-
-def wrapped_403() -> Exception:
-    try:
-        try:
-            raise http_error(403)
-        except requests.HTTPError as inner:
-            raise OSError("range request failed") from inner
-    except OSError as outer:
-        return outer
-
-
-@pytest.mark.parametrize(
-    "error",
-    [
-        http_error(403),  # requests, as raised by laspy's HTTP reader
-        urllib.error.HTTPError(BLOB, 403, "Forbidden", None, None),  # type: ignore[arg-type]
-        RasterioIOError("HTTP response code: 403"),
-        wrapped_403(),
-    ],
-    ids=["requests", "urllib", "rasterio", "wrapped"],
-)
-def test_with_resign_refreshes_once_on_403(error: Exception) -> None:
-    signer = RecordingSigner()
-    read, seen = failing_first(error)
-    assert with_resign("x.tif", signer, read) == "read x.tif?token=2"
-    assert signer.calls == [False, True]
-    assert seen == ["x.tif?token=1", "x.tif?token=2"]
-
-
-@pytest.mark.parametrize(
-    "error",
-    [http_error(404), RasterioIOError("x.tif: No such file or directory"), ValueError("403")],
-)
-def test_with_resign_does_not_retry_other_errors(error: Exception) -> None:
-    signer = RecordingSigner()
-    read, _ = failing_first(error)
-    with pytest.raises(type(error)):
-        with_resign("x.tif", signer, read)
-    assert signer.calls == [False]
-
-
-def test_with_resign_gives_up_after_one_refresh() -> None:
-    signer = RecordingSigner()
-
-    def always_forbidden(href: str) -> str:
-        raise http_error(403)
-
-    with pytest.raises(requests.HTTPError):
-        with_resign("x.tif", signer, always_forbidden)
-    assert signer.calls == [False, True]
-
-
-def test_is_forbidden_message_forms() -> None:
-    assert is_forbidden(RasterioIOError("'/vsicurl/x.tif': HTTP error code : 403"))
-    assert not is_forbidden(RasterioIOError("m_4030_ne.tif not recognized as a supported format"))
 
 
 def test_no_signer_and_signer_for() -> None:
@@ -189,3 +105,20 @@ def test_local_path_rejects_inputs_inside_output(tmp_path: Path) -> None:
     with pytest.raises(StacError, match="inside the output folder"):
         local_path(inside, out_root=out)
     assert local_path((tmp_path / "in.tif").as_uri(), out_root=out) == str(tmp_path / "in.tif")
+
+
+def test_load_signer_names_and_import_paths() -> None:
+    pc = "https://planetarycomputer.microsoft.com/api/stac/v1"
+    assert isinstance(load_signer("auto", pc), PlanetaryComputerSigner)
+    assert isinstance(load_signer("auto", "http://127.0.0.1:8080"), NoSigner)
+    assert isinstance(load_signer("none", pc), NoSigner)
+    assert isinstance(load_signer("planetary-computer", "http://x"), PlanetaryComputerSigner)
+    assert isinstance(load_signer("geoseg.stac.signing:NoSigner", pc), NoSigner)
+    for spec, message in (
+        ("token-service", "use auto, none, planetary-computer or package.module:Name"),
+        ("nowhere.module:Signer", "cannot be imported"),
+        ("geoseg.stac.signing:Nothing", "cannot be imported"),
+        ("pathlib:PurePath", "has no sign(href, refresh=False) method"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_signer(spec, pc)

@@ -1,17 +1,23 @@
-"""Describe the built tiles: a STAC Collection with one Item per tile, and a GeoParquet index.
+"""The build as STAC: one Item per tile, written by the worker that built it, and a Collection
+that reaches them through sub-catalogs.
 
-The STAC side lets any STAC tool (and our own `rustac serve` tests) browse the dataset; the
-GeoParquet index is what the datasets and notebooks query (split, bbox, class fractions) without
-opening thousands of JSON files.
+A state-wide build has 1.6 M tiles, so nothing here holds them all: an item is written once,
+beside its files, when its tile is finished (`write_item`), and never rewritten; it carries
+what the tile is, not which split it is in (splits are the dataset's, in `index.parquet` and
+`splits.json`, and change with the split settings). At the end of the build the driver writes
+`collection.json` and one sub-catalog per block of `CATALOG_BLOCK` x `CATALOG_BLOCK` tiles of a
+grid (`catalogs/<grid>/<bx>_<by>.json`, at most 4096 item links each), streaming over the
+tile ids; the collection links the sub-catalogs only (a few hundred at state scale).
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-import geopandas as gpd
 import pystac
 import shapely
 from pystac.extensions.classification import Classification, ClassificationExtension
@@ -21,12 +27,14 @@ from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 
 from geoseg.builder.grid import TileSpec
 from geoseg.builder.rasterize import FLOAT_NODATA
-from geoseg.builder.tile import TileResult
-from geoseg.builder.writers import atomic_path
+from geoseg.builder.writers import write_bytes_atomic
 from geoseg.classes import N3C
 from geoseg.regions import Region
 
 COLLECTION_ID = "n3c-california"
+CATALOG_BLOCK = 64
+"""Tiles per side of a sub-catalog block: at most 4096 item links per catalog file."""
+ITEM_JSON = "{id}.json"
 COG = pystac.MediaType.COG
 LAZ = "application/vnd.laszip"
 
@@ -62,9 +70,20 @@ def _classes() -> list[Classification]:
     ]
 
 
-def tile_item(manifest: dict[str, Any], split: str) -> pystac.Item:
+def block_of(tile_id: str) -> tuple[str, str]:
+    """(grid, block) of a tile id: its sub-catalog is `catalogs/<grid>/<block>.json`."""
+    grid, col, row = tile_id.rsplit("_", 2)
+    return grid, f"{int(col) // CATALOG_BLOCK}_{int(row) // CATALOG_BLOCK}"
+
+
+def _link(rel: str, href: str, media: str, title: str | None = None) -> dict[str, str]:
+    link = {"rel": rel, "href": href, "type": media}
+    return link | ({"title": title} if title else {})
+
+
+def tile_item(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The STAC Item of a finished tile, with its links into the build's catalog tree."""
     properties = {
-        "geoseg:split": split,
         "geoseg:year": manifest["year"],
         "geoseg:lidar_project": manifest["inputs"]["lidar_project"],
         "geoseg:missing_bands": manifest["missing_bands"],
@@ -72,7 +91,8 @@ def tile_item(manifest: dict[str, Any], split: str) -> pystac.Item:
         "geoseg:pixel_counts": {k: manifest["pixels"].get(k, 0) for k in N3C.names},
         "geoseg:point_counts": {k: manifest["points"]["n3c"].get(k, 0) for k in N3C.names},
     }
-    item = new_item(_tile_spec(manifest), manifest["datetime"], properties, COLLECTION_ID)
+    tile = _tile_spec(manifest)
+    item = new_item(tile, manifest["datetime"], properties, COLLECTION_ID)
     RasterExtension.add_to(item)
     FileExtension.add_to(item)
     ClassificationExtension.add_to(item)
@@ -97,7 +117,14 @@ def tile_item(manifest: dict[str, Any], split: str) -> pystac.Item:
     )
     for asset in item.assets.values():
         add_file_info(asset, manifest["files"][Path(asset.href).name])
-    return item
+    grid, block = block_of(tile.id)
+    doc = item.to_dict(include_self_link=False, transform_hrefs=False)
+    doc["links"] = [
+        _link("root", "../../collection.json", pystac.MediaType.JSON),
+        _link("collection", "../../collection.json", pystac.MediaType.JSON),
+        _link("parent", f"../../catalogs/{grid}/{block}.json", pystac.MediaType.JSON),
+    ]
+    return doc
 
 
 def new_item(tile: TileSpec, when: str, properties: dict[str, Any], collection: str) -> pystac.Item:
@@ -130,48 +157,89 @@ def add_file_info(asset: pystac.Asset, meta: dict[str, Any]) -> None:
     fe.checksum = "1220" + meta["sha256"]  # multihash: sha2-256, 32 bytes
 
 
-def write_catalog(
-    out: Path, done: list[TileResult], splits: dict[str, str], region: Region
+def write_item(folder: Path, manifest: dict[str, Any]) -> Path:
+    """Write the tile's item beside its files (`tiles/<id>/<id>.json`)."""
+    path = folder / ITEM_JSON.format(id=manifest["tile_id"])
+    text = json.dumps(tile_item(manifest), indent=2) + "\n"
+    write_bytes_atomic(path, lambda p: p.write_text(text))
+    return path
+
+
+def write_stac(
+    out: Path,
+    tile_ids: list[str],
+    bbox: tuple[float, float, float, float] | None,
+    interval: tuple[str, str] | None,
+    region: Region,
 ) -> None:
-    """Write `collection.json`, `tiles/<id>/<id>.json` items, `index.parquet` and
-    `tiles.geojson`."""
-    items = [tile_item(r.manifest, splits[r.tile_id]) for r in done]
-    if items:
-        extent = pystac.Extent(
-            pystac.SpatialExtent(
-                [list(shapely.union_all([shapely.box(*i.bbox) for i in items]).bounds)]
-            ),
-            pystac.TemporalExtent(
-                [[min(i.datetime for i in items), max(i.datetime for i in items)]]
-            ),
-        )
-    else:
-        extent = pystac.Extent(
-            pystac.SpatialExtent([list(region.geometry.bounds)]),
-            pystac.TemporalExtent([[None, None]]),
-        )
+    """`collection.json` and the sub-catalogs linking every finished tile's item.
+
+    `tile_ids` must be sorted (blocks are then runs of it); `bbox` (lon/lat) and `interval`
+    (ISO datetimes) are the collection's extent, None for a build without tiles.
+    """
+    spatial = bbox if bbox is not None else region.geometry.bounds
+    temporal = [datetime.fromisoformat(t) for t in interval] if interval else [None, None]
     collection = pystac.Collection(
         id=COLLECTION_ID,
         description=(
             "N3C-California style tiles: NAIP imagery and USGS 3DEP LiDAR on one grid, labelled "
             f"from the LiDAR's ASPRS classes ({' / '.join(N3C.real)}). Built by geoseg."
         ),
-        extent=extent,
+        extent=pystac.Extent(
+            pystac.SpatialExtent([list(spatial)]), pystac.TemporalExtent([temporal])
+        ),
         title=f"geoseg tiles for {region.name}",
         license="various",
-        summaries=pystac.Summaries({"geoseg:split": sorted(set(splits.values()))}),
     )
-    save_collection(
-        out,
-        collection,
-        items,
-        _classes(),
-        [
-            ("report", "./report.json", pystac.MediaType.JSON, "build report"),
-            ("preview", "./preview.png", pystac.MediaType.PNG, "image / label / DSM preview"),
-        ],
-    )
-    write_index(out, done, splits)
+    ClassificationExtension.add_to(collection)
+    collection.summaries.add("classification:classes", [c.to_dict() for c in _classes()])
+    for key, href, media, title in (
+        ("index", "./index.parquet", "application/vnd.apache.parquet", "GeoParquet tile index"),
+        ("footprints", "./tiles.vrt", "application/xml", "tile footprints (GIS layer, OGR VRT)"),
+        ("splits", "./splits.json", pystac.MediaType.JSON, "tile ids per split"),
+        ("stats", "./stats.json", pystac.MediaType.JSON, "band statistics and class counts"),
+        ("report", "./report.json", pystac.MediaType.JSON, "build report"),
+        ("preview", "./preview.png", pystac.MediaType.PNG, "image / label / DSM preview"),
+    ):
+        collection.add_asset(
+            key, pystac.Asset(href, title=title, media_type=media, roles=["metadata"])
+        )
+    doc = collection.to_dict(include_self_link=False, transform_hrefs=False)
+    doc["links"] = [_link("root", "./collection.json", pystac.MediaType.JSON, collection.title)]
+    written = set()
+    for (grid, block), ids in groupby(tile_ids, key=block_of):
+        path = out / "catalogs" / grid / f"{block}.json"
+        doc["links"].append(_link("child", f"./catalogs/{grid}/{block}.json", "application/json"))
+        _write_json(path, _block_catalog(grid, block, list(ids)))
+        written.add(path)
+    for stale in (out / "catalogs").glob("*/*.json"):  # blocks an earlier build had
+        if stale not in written:
+            stale.unlink()
+    _write_json(out / "collection.json", doc)
+
+
+def _block_catalog(grid: str, block: str, tile_ids: list[str]) -> dict[str, Any]:
+    links = [
+        _link("root", "../../collection.json", pystac.MediaType.JSON),
+        _link("parent", "../../collection.json", pystac.MediaType.JSON),
+    ]
+    links += [
+        _link("item", f"../../tiles/{t}/{ITEM_JSON.format(id=t)}", pystac.MediaType.GEOJSON)
+        for t in tile_ids
+    ]
+    return {
+        "type": "Catalog",
+        "id": f"{grid}_{block}",
+        "stac_version": pystac.get_stac_version(),
+        "description": f"Tiles of grid {grid}, block {block} ({CATALOG_BLOCK} x {CATALOG_BLOCK} "
+        "tiles)",
+        "links": links,
+    }
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    text = json.dumps(doc, indent=1) + "\n"
+    write_bytes_atomic(path, lambda p: p.write_text(text))
 
 
 def save_collection(
@@ -183,7 +251,8 @@ def save_collection(
 ) -> None:
     """Add the items, the class summary and the build-level assets (the index, footprints and
     stats every build has, plus `assets`: (key, href, media type, title)); save the collection
-    self-contained with each item beside its tile's files. Shared with `geoseg prepare`."""
+    self-contained with each item beside its tile's files. For small collections whose items
+    are all in memory: `geoseg prepare`'s benchmarks (a build-dataset uses `write_stac`)."""
     ClassificationExtension.add_to(collection)
     collection.summaries.add("classification:classes", [c.to_dict() for c in classes])
     for item in items:
@@ -212,44 +281,3 @@ class _TileLayout(pystac.layout.HrefLayoutStrategy):
 
     def get_item_href(self, item, parent_dir):
         return str(Path(parent_dir) / "tiles" / item.id / f"{item.id}.json")
-
-
-def write_index(out: Path, done: list[TileResult], splits: dict[str, str]) -> None:
-    """One row per tile in `index.parquet` (for code) and `tiles.geojson` (the same rows for any
-    GIS: Debian's GDAL, hence QGIS there, has no Parquet driver)."""
-    rows = []
-    for r in done:
-        m = r.manifest
-        tile = _tile_spec(m)
-        labelled = sum(v for k, v in m["pixels"].items() if k != N3C.names[0]) or 1
-        rows.append(
-            {
-                "tile_id": tile.id,
-                "split": splits[r.tile_id],
-                "epsg": tile.epsg,
-                "crs_wkt": tile.crs_wkt,
-                "gsd": tile.gsd,
-                "size": tile.size,
-                "xmin": tile.bounds[0],
-                "ymin": tile.bounds[1],
-                "xmax": tile.bounds[2],
-                "ymax": tile.bounds[3],
-                "year": m["year"],
-                "datetime": m["datetime"],
-                "lidar_project": m["inputs"]["lidar_project"],
-                "points": m["points"]["count"],
-                **{f"frac_{k}": m["pixels"].get(k, 0) / labelled for k in N3C.real},
-                "frac_unlabeled": m["pixels"].get(N3C.names[0], 0) / (tile.size * tile.size),
-                "path": f"tiles/{tile.id}",
-                "geometry": tile.footprint_lonlat(),
-            }
-        )
-    gdf = (
-        gpd.GeoDataFrame(rows, geometry="geometry", crs="EPSG:4326")
-        if rows
-        else gpd.GeoDataFrame({"tile_id": [], "split": []}, geometry=[], crs="EPSG:4326")
-    )
-    with atomic_path(out / "index.parquet") as tmp:
-        gdf.to_parquet(tmp, index=False)
-    with atomic_path(out / "tiles.geojson") as tmp:
-        gdf.to_file(tmp, driver="GeoJSON", layer="tiles")

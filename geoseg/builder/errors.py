@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from geoseg.errors import first_line
+from geoseg.errors import innermost_line
 
 
 class BuildError(RuntimeError):
@@ -26,17 +26,5 @@ class TileError(RuntimeError):
 
 
 def short_reason(exc: BaseException) -> str:
-    """First line of an exception's message, from the innermost cause that has one.
-
-    Library errors can be pages long, and rasterio's outer message is often just "Read failed.
-    See previous exception for details": the useful text (e.g. GDAL's) is in the cause.
-    """
-    chain: list[BaseException] = []
-    err: BaseException | None = exc
-    while err is not None and err not in chain:
-        chain.append(err)
-        err = err.__cause__ or err.__context__
-    for err in reversed(chain):
-        if str(err).strip():
-            return first_line(err)[:200]
-    return type(exc).__name__
+    """The innermost message of `exc`, one line of at most 200 characters, for the report."""
+    return innermost_line(exc)[:200]

@@ -18,7 +18,6 @@ import numpy as np
 import shapely
 from affine import Affine
 from pyproj import CRS, Transformer
-from shapely.geometry import box
 
 
 class Area(Protocol):
@@ -72,8 +71,24 @@ class TileSpec:
         return CRS.from_wkt(self.crs_wkt)
 
     def footprint_lonlat(self) -> shapely.Polygon:
-        """Tile outline in lon/lat (densified so it stays exact after reprojection)."""
-        return reproject_geometry(box(*self.bounds), self.crs, CRS.from_epsg(4326), segments=4)
+        """Tile outline in lon/lat (the four corners; see `footprints_lonlat`)."""
+        xmin, ymin, xmax, ymax = (np.array([v]) for v in self.bounds)
+        return footprints_lonlat(self.crs, xmin, ymin, xmax, ymax)[0]
+
+
+def footprints_lonlat(
+    crs: CRS, xmin: np.ndarray, ymin: np.ndarray, xmax: np.ndarray, ymax: np.ndarray
+) -> np.ndarray:
+    """Lon/lat outlines of boxes in `crs`, all in one PROJ call (1.6 M tiles at state scale).
+
+    Only the corners are reprojected: along a 512 m tile edge a projected straight line departs
+    from the lon/lat one by well under a millimetre. Rings run as `shapely.box` draws them.
+    """
+    xs = np.stack([xmax, xmax, xmin, xmin, xmax], axis=1)
+    ys = np.stack([ymin, ymax, ymax, ymin, ymin], axis=1)
+    lon, lat = transformer(crs, CRS.from_epsg(4326)).transform(xs.ravel(), ys.ravel())
+    coords = np.stack([np.asarray(lon), np.asarray(lat)], axis=1).reshape(len(xmin), 5, 2)
+    return shapely.polygons(coords)
 
 
 @lru_cache(maxsize=64)

@@ -20,7 +20,9 @@ from rasterio.windows import Window, from_bounds
 from geoseg.builder.errors import TileError, short_reason
 from geoseg.builder.grid import TileSpec, same_horizontal_crs
 from geoseg.stac.items import ImageryItem
-from geoseg.stac.signing import Signer, local_path, with_resign
+from geoseg.stac.remote import read_with_retries
+from geoseg.stac.retry import DEFAULT_POLICY, RetryPolicy
+from geoseg.stac.signing import Signer
 
 BANDS = ("red", "green", "blue", "nir")
 IMAGE_NODATA = 0
@@ -97,8 +99,16 @@ def _read_scene(path: str, item: ImageryItem, tile: TileSpec) -> tuple[np.ndarra
     return out, cov.astype(bool)
 
 
-def read_tile_image(tile: TileSpec, items: list[ImageryItem], signer: Signer) -> TileImage:
-    """Mosaic the chosen scenes onto the tile; later scenes only fill pixels still empty."""
+def read_tile_image(
+    tile: TileSpec,
+    items: list[ImageryItem],
+    signer: Signer,
+    policy: RetryPolicy = DEFAULT_POLICY,
+) -> TileImage:
+    """Mosaic the chosen scenes onto the tile; later scenes only fill pixels still empty.
+
+    Remote scenes are read through `read_with_retries` (retries, re-signing, GDAL options).
+    """
     data = np.zeros((4, tile.size, tile.size), np.uint8)
     valid = np.zeros((tile.size, tile.size), bool)
     used: list[str] = []
@@ -107,8 +117,8 @@ def read_tile_image(tile: TileSpec, items: list[ImageryItem], signer: Signer) ->
         if valid.all():
             break
         try:
-            arr, cov = with_resign(
-                item.href, signer, lambda h, it=item: _read_scene(local_path(h), it, tile)
+            arr, cov = read_with_retries(
+                item.href, signer, lambda path, it=item: _read_scene(path, it, tile), policy
             )
         except (RasterioError, OSError, ValueError) as exc:
             raise TileError(f"imagery {item.id}: unreadable ({short_reason(exc)})") from exc

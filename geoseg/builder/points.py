@@ -19,7 +19,9 @@ from rasterio.warp import transform_bounds
 from geoseg.builder.errors import TileError, short_reason
 from geoseg.builder.grid import Area, horizontal_crs, same_horizontal_crs, transformer
 from geoseg.stac.items import PointCloudItem
-from geoseg.stac.signing import Signer, local_path, with_resign
+from geoseg.stac.remote import RangeFile, is_remote
+from geoseg.stac.retry import DEFAULT_POLICY, RetryPolicy
+from geoseg.stac.signing import Signer, local_path
 
 FIELDS = ("x", "y", "z", "intensity", "return_number", "number_of_returns", "classification")
 _DTYPES = {
@@ -109,29 +111,45 @@ def resolve_crs(item: PointCloudItem, header: laspy.LasHeader) -> CRS:
     return declared if declared is not None else in_file  # type: ignore[return-value]
 
 
-def _query(path: str, item: PointCloudItem, tile: Area) -> tuple[dict[str, np.ndarray], CRS]:
-    """Points of one file overlapping the tile, still in the file's CRS and units."""
+def _query(
+    item: PointCloudItem, tile: Area, signer: Signer, policy: RetryPolicy
+) -> tuple[dict[str, np.ndarray], CRS]:
+    """Points of one file overlapping the tile, still in the file's CRS and units.
+
+    A remote COPC is read through `RangeFile` (byte ranges, retried per policy): only its
+    header, hierarchy and the octree nodes the tile touches are fetched.
+    """
+    remote = is_remote(item.href)
+    source: RangeFile | str = (
+        RangeFile(item.href, signer, policy) if remote else local_path(item.href)
+    )
     try:
-        reader = laspy.CopcReader.open(path)
+        reader = laspy.CopcReader(source) if remote else laspy.CopcReader.open(source)
+    except OSError:
+        raise  # network trouble (AssetReadError) or an unreadable local file
     except Exception as exc:  # not COPC (plain LAZ/LAS) or corrupt: laspy raises many kinds
-        return _scan_plain(path, item, tile, exc)
+        if remote:
+            raise TileError(
+                f"points {item.id}: not a COPC file ({short_reason(exc)}); a remote LAS/LAZ "
+                "would have to be downloaded whole"
+            ) from exc
+        return _scan_plain(source, item, tile, exc)  # type: ignore[arg-type]
     with reader:
-        _check_hierarchy(reader, path, item)
+        size = source.size if isinstance(source, RangeFile) else os.path.getsize(source)
+        _check_hierarchy(reader, size, item)
         crs = resolve_crs(item, reader.header)
         x0, y0, x1, y1 = _source_bounds(tile, crs)
         pts = reader.query(bounds=laspy.copc.Bounds(np.array([x0, y0]), np.array([x1, y1])))
     return {k: np.asarray(pts[k], dtype=_DTYPES[k]) for k in FIELDS}, crs
 
 
-def _check_hierarchy(reader: laspy.CopcReader, path: str, item: PointCloudItem) -> None:
+def _check_hierarchy(reader: laspy.CopcReader, size: int | None, item: PointCloudItem) -> None:
     """Refuse truncated COPC files: laspy silently returns no points when nodes are missing."""
     entries = [e for e in reader.root_page.entries.values() if e.point_count > 0]
     if reader.header.point_count > 0 and not entries:
         raise TileError(f"points {item.id}: corrupt or truncated COPC (no octree nodes)")
-    if os.path.exists(path):
-        size = os.path.getsize(path)
-        if any(e.offset + e.byte_size > size for e in entries):
-            raise TileError(f"points {item.id}: truncated COPC ({size} bytes on disk)")
+    if size is not None and any(e.offset + e.byte_size > size for e in entries):
+        raise TileError(f"points {item.id}: truncated COPC ({size} bytes)")
 
 
 def _scan_plain(
@@ -165,7 +183,12 @@ def _source_bounds(tile: Area, crs: CRS) -> tuple[float, float, float, float]:
     return x0 - pad, y0 - pad, x1 + pad, y1 + pad
 
 
-def read_tile_points(tile: Area, items: list[PointCloudItem], signer: Signer) -> TilePoints:
+def read_tile_points(
+    tile: Area,
+    items: list[PointCloudItem],
+    signer: Signer,
+    policy: RetryPolicy = DEFAULT_POLICY,
+) -> TilePoints:
     """All points of the chosen project inside the tile, in tile CRS with z in metres."""
     chosen = pick_project(items)
     parts: list[dict[str, np.ndarray]] = []
@@ -173,9 +196,7 @@ def read_tile_points(tile: Area, items: list[PointCloudItem], signer: Signer) ->
     source_crs: CRS | None = None
     for item in chosen:
         try:
-            arrays, crs = with_resign(
-                item.href, signer, lambda h, it=item: _query(local_path(h), it, tile)
-            )
+            arrays, crs = _query(item, tile, signer, policy)
         except TileError:
             raise
         except Exception as exc:  # decoding errors from lazrs surface as many exception types

@@ -12,27 +12,32 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
 import shapely
 import yaml
 from tqdm import tqdm
 
-from geoseg.builder.catalog import write_catalog
+from geoseg.builder.catalog import write_stac
 from geoseg.builder.errors import BuildError, BuildInputError, EmptySearchError
+from geoseg.builder.index import index_frame, write_footprints, write_index
+from geoseg.builder.ledger import TileRows, scan_finished
 from geoseg.builder.plan import PlannedTile, plan_tiles
-from geoseg.builder.report import write_report
-from geoseg.builder.split import assign_splits
+from geoseg.builder.report import BuildSummary, write_report
+from geoseg.builder.split import split_codes
 from geoseg.builder.tile import TileJob, TileResult, build_tile
 from geoseg.builder.writers import remove_stale_temps, write_bytes_atomic
 from geoseg.regions import Region, RegionError, check_within, resolve_region
 from geoseg.stac.client import PLANETARY_COMPUTER_URL, check_datetime, find_inputs
+from geoseg.stac.retry import DEFAULT_POLICY, RetryPolicy
 from geoseg.stac.server import sample_catalog_dir, serve_catalog
-from geoseg.stac.signing import signer_for
+from geoseg.stac.signing import load_signer
 
 CATALOGS = ("planetary-computer", "sample")
 GRID_DEFAULTS = {"planetary-computer": (1.0, 512), "sample": (0.5, 64)}
@@ -61,21 +66,21 @@ class BuildConfig:
     split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_block: int = 8
     seed: int = 0
+    signer: str = "auto"
+    """How asset hrefs are signed: see `geoseg.stac.signing.load_signer`."""
+    read_tries: int = DEFAULT_POLICY.tries
+    read_budget_s: float = DEFAULT_POLICY.budget_s
+    read_timeout_s: float = DEFAULT_POLICY.timeout_s
 
-
-@dataclass
-class BuildSummary:
-    out: Path
-    results: list[TileResult]
-    skipped_at_plan: list[tuple[str, str]]
-    seconds: float
-    tile_seconds: float = 0.0
-    """Wall time of the tile tasks alone: throughput without search, cluster start-up, report."""
-    not_attempted: int = 0
-    """Planned tiles left untried because `--max-tiles` tiles were ready."""
-
-    def count(self, status: str) -> int:
-        return sum(1 for r in self.results if r.status == status)
+    @property
+    def policy(self) -> RetryPolicy:
+        """The retry policy of every asset read (geoseg.stac.remote)."""
+        return replace(
+            DEFAULT_POLICY,
+            tries=self.read_tries,
+            budget_s=self.read_budget_s,
+            timeout_s=self.read_timeout_s,
+        )
 
 
 def _sample_coverage(catalog_dir: Path) -> shapely.Geometry:
@@ -103,6 +108,12 @@ def check_config(cfg: BuildConfig) -> None:
             check_datetime(cfg.datetime)
         except ValueError as err:
             raise BuildInputError(f"--datetime: {err}") from None
+    if cfg.read_tries < 1 or cfg.read_budget_s < 0 or cfg.read_timeout_s <= 0:
+        raise BuildInputError("--read-tries must be >= 1, --read-budget >= 0, --read-timeout > 0")
+    try:
+        load_signer(cfg.signer, cfg.stac_url or PLANETARY_COMPUTER_URL)
+    except ValueError as err:
+        raise BuildInputError(f"--signer: {err}") from None
     check_output_folder(Path(cfg.out))
 
 
@@ -236,9 +247,14 @@ def _warm_up() -> None:
 
 
 def run_jobs(
-    client, jobs: list[TileJob], progress: bool, want: int | None = None, window: int = 256
-) -> list[TileResult]:
-    """Run tile jobs with at most `window` in flight; results as they finish.
+    client,
+    jobs: Iterable[TileJob],
+    progress: bool,
+    want: int | None = None,
+    total: int | None = None,
+    window: int = 256,
+) -> Iterator[TileResult]:
+    """Run tile jobs with at most `window` in flight; yield results as they finish.
 
     With `want`, stop once that many tiles are ready (built or cached): candidates that end up
     skipped or failed do not count, so `--max-tiles N` gives N tiles whenever the plan has them.
@@ -246,7 +262,6 @@ def run_jobs(
     """
     from dask.distributed import as_completed
 
-    results: list[TileResult] = []
     pending = iter(jobs)
     ready = 0
 
@@ -255,22 +270,57 @@ def run_jobs(
 
     ac = as_completed([client.submit(build_tile, j, pure=False) for j in islice(pending, room())])
     in_flight = ac.count()
-    bar = tqdm(total=want or len(jobs), unit="tile", disable=not progress, file=sys.stderr,
+    bar = tqdm(total=want or total, unit="tile", disable=not progress, file=sys.stderr,
                mininterval=1.0)  # fmt: skip
     for fut in ac:
         result = fut.result()
         fut.release()
         in_flight -= 1
-        results.append(result)
         ok = result.status in ("built", "cached")
         ready += ok
         bar.update(1 if want is None else int(ok))
         bar.set_postfix_str(result.status, refresh=False)
+        yield result
         for j in islice(pending, max(0, room() - in_flight)):
             ac.add(client.submit(build_tile, j, pure=False))
             in_flight += 1
     bar.close()
-    return results
+
+
+SCAN_CHUNK = 4096
+"""Tiles per resume-scan task."""
+
+
+def resume_scan(client, out: Path, tile_ids: list[str]) -> tuple[list[TileRows], list[str]]:
+    """(rows of the finished tiles, ids still to build), scanned by the dask workers in chunks.
+
+    A resume of a state-wide build finds ~1.6 M finished tiles: checking them in the driver, or
+    as one task each, would take far longer than the build's last few tiles.
+    """
+    chunks = [tile_ids[i : i + SCAN_CHUNK] for i in range(0, len(tile_ids), SCAN_CHUNK)]
+    futures = client.map(scan_finished, [str(out)] * len(chunks), chunks, pure=False)
+    parts, todo = [], []
+    for rows, missing in client.gather(futures):
+        parts.append(rows)
+        todo.extend(missing)
+    return parts, todo
+
+
+class _RowBuffer:
+    """Manifests of tiles built in this run, folded into `TileRows` a batch at a time."""
+
+    def __init__(self, parts: list[TileRows], batch: int = 2048) -> None:
+        self.parts, self.batch, self.manifests = parts, batch, []
+
+    def add(self, manifest: dict) -> None:
+        self.manifests.append(manifest)
+        if len(self.manifests) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.manifests:
+            self.parts.append(TileRows.from_manifests(self.manifests))
+            self.manifests = []
 
 
 def build_dataset(
@@ -281,13 +331,15 @@ def build_dataset(
     cfg = with_grid_defaults(cfg)
     url, region, planned, search = plan_build(cfg)
     out = Path(cfg.out).resolve()
-    signer = signer_for(url)
-    runnable = [p for p in planned if p.skip_reason is None]
-    skipped_at_plan = [(p.tile.id, p.skip_reason or "") for p in planned if p.skip_reason]
-    jobs = [
-        TileJob(p.tile, tuple(p.imagery), tuple(p.lidar), signer, str(out), cfg.min_coverage)
-        for p in runnable
-    ]
+    signer, policy = load_signer(cfg.signer, url), cfg.policy
+    summary = BuildSummary(out)
+    runnable: dict[str, PlannedTile] = {}
+    for p in planned:
+        if p.skip_reason is None:
+            runnable[p.tile.id] = p
+        else:
+            summary.add(p.tile.id, "skipped", p.skip_reason)
+    del planned
     with dask_client(cfg, echo) as client:  # connect before writing: a bad address leaves nothing
         out.mkdir(parents=True, exist_ok=True)
         removed = remove_stale_temps(out / "tiles")
@@ -295,24 +347,73 @@ def build_dataset(
             echo(f"removed {removed} temporary files left by an interrupted build")
         config_text = yaml.safe_dump(asdict(cfg), sort_keys=False)
         write_bytes_atomic(out / "build.yaml", lambda p: p.write_text(config_text))
+        parts, todo = resume_scan(client, out, list(runnable))
+        cached = sum(map(len, parts))
+        if cfg.max_tiles is not None and cached >= cfg.max_tiles:
+            parts, todo = [TileRows.concat(parts).sorted().take(np.arange(cfg.max_tiles))], []
+            cached = cfg.max_tiles
+        summary.statuses["cached"] += cached
+        want = None if cfg.max_tiles is None else cfg.max_tiles - cached
         limit = f", stopping once {cfg.max_tiles} are ready" if cfg.max_tiles else ""
         echo(
             f"{search['imagery_items']} NAIP + {search['lidar_items']} LiDAR items; "
-            f"{len(jobs)} tiles to build{limit}, {len(skipped_at_plan)} skipped at planning"
+            f"{len(todo)} tiles to build{limit}, {cached} already built, "
+            f"{sum(summary.skipped.values())} skipped at planning"
         )
-        client.run(_warm_up)
+        jobs = (
+            TileJob(
+                p.tile, tuple(p.imagery), tuple(p.lidar), signer, str(out), cfg.min_coverage, policy
+            )
+            for p in (runnable[t] for t in todo)
+        )
+        buffer = _RowBuffer(parts)
         t_tiles = time.perf_counter()
-        results = run_jobs(client, jobs, progress, want=cfg.max_tiles)
-        tile_seconds = time.perf_counter() - t_tiles
-    results.sort(key=lambda r: r.tile_id)
-    done = [r for r in results if r.status in ("built", "cached")]
-    tiles = {p.tile.id: p.tile for p in runnable}
-    cells = [
-        (t.id, f"{t.crs_wkt}|{t.span}", t.col, t.row) for t in (tiles[r.tile_id] for r in done)
-    ]
-    splits = assign_splits(cells, cfg.split_ratios, cfg.split_block, cfg.seed)
-    summary = BuildSummary(out, results, skipped_at_plan, time.perf_counter() - t0, tile_seconds,
-                           not_attempted=len(jobs) - len(results))  # fmt: skip
-    write_catalog(out, done, splits, region)
-    write_report(out, summary, splits, search, cfg)
+        if todo:
+            client.run(_warm_up)
+            for result in run_jobs(client, jobs, progress, want=want, total=len(todo)):
+                summary.tasks += 1
+                summary.add(result.tile_id, result.status, result.reason, result.seconds,
+                            result.worker)  # fmt: skip
+                if result.status in ("built", "cached"):
+                    buffer.add(result.manifest)
+        buffer.flush()
+        summary.tile_seconds = time.perf_counter() - t_tiles
+    summary.not_attempted = len(todo) - summary.tasks
+    rows = TileRows.concat(parts).sorted()
+    write_outputs(out, rows, cfg, region, summary, search, t0)
     return summary
+
+
+def write_outputs(
+    out: Path,
+    rows: TileRows,
+    cfg: BuildConfig,
+    region: Region,
+    summary: BuildSummary,
+    search: dict,
+    t0: float,
+) -> None:
+    """Everything that describes the finished tiles (`rows`, sorted by id): splits, index,
+    footprints, STAC collection and sub-catalogs, stats, report, preview."""
+    # Grids are told apart by CRS and tile span; the split hashes their names, so these stay
+    # what they always were: a rerun must not reshuffle an earlier build's splits.
+    pairs, grid = np.unique(
+        np.stack([rows.crs.astype(np.float64), rows.span], axis=1), axis=0, return_inverse=True
+    )
+    names = [f"{rows.crs_wkts[int(c)]}|{float(span)}" for c, span in pairs]
+    splits = split_codes(
+        names, grid.ravel(), rows.col, rows.row, cfg.split_ratios, cfg.split_block, cfg.seed
+    )
+    frame = index_frame(rows, splits)
+    write_index(out, frame)
+    write_footprints(out, frame)
+    extent = None
+    if len(frame):
+        w, s, e, n = frame.geometry.bounds.to_numpy().T
+        extent = (float(w.min()), float(s.min()), float(e.max()), float(n.max()))
+    del frame
+    when = pc.min_max(rows.datetime).as_py() if len(rows) else None
+    interval = (when["min"], when["max"]) if when else None
+    write_stac(out, rows.tile_id.to_pylist(), extent, interval, region)
+    summary.seconds = time.perf_counter() - t0
+    write_report(out, summary, rows, splits, search)

@@ -1,8 +1,9 @@
 """Build one tile: the unit of work that dask schedules.
 
 A tile is finished when its manifest `tile.json` exists (written last, atomically) and the files it
-lists are present with the recorded sizes. A rerun returns finished tiles without touching them;
-anything else is rebuilt from scratch, which is safe because every output is deterministic.
+lists are present with the recorded sizes. Its STAC item is written just before the manifest, by
+the worker that built the tile. A rerun returns finished tiles without touching them; anything
+else is rebuilt from scratch, which is safe because every output is deterministic.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import rasterio
 
 import geoseg
+from geoseg.builder.catalog import ITEM_JSON, write_item
 from geoseg.builder.errors import TileError, short_reason
 from geoseg.builder.grid import TileSpec
 from geoseg.builder.imagery import BANDS, IMAGE_NODATA, read_tile_image
@@ -36,6 +38,7 @@ from geoseg.builder.writers import (
 )
 from geoseg.classes import ASPRS_TO_N3C, N3C, remap_asprs
 from geoseg.stac.items import ImageryItem, PointCloudItem
+from geoseg.stac.retry import DEFAULT_POLICY, RetryPolicy
 from geoseg.stac.signing import Signer
 
 MANIFEST = "tile.json"
@@ -53,6 +56,7 @@ class TileJob:
     signer: Signer
     out_dir: str
     min_coverage: float = 0.25
+    policy: RetryPolicy = DEFAULT_POLICY
 
 
 @dataclass
@@ -68,8 +72,13 @@ class TileResult:
         return asdict(self)
 
 
-def tile_dir(out_dir: Path, tile: TileSpec) -> Path:
-    return safe_join(out_dir, "tiles", tile.id)
+def tile_dir(out_dir: Path, tile_id: str) -> Path:
+    return safe_join(out_dir, "tiles", tile_id)
+
+
+def item_path(folder: Path) -> Path:
+    """The tile's STAC item, `tiles/<id>/<id>.json`."""
+    return folder / ITEM_JSON.format(id=folder.name)
 
 
 def load_finished(folder: Path) -> dict[str, Any] | None:
@@ -118,7 +127,7 @@ def build_tile(job: TileJob) -> TileResult:
     """Build (or find finished) one tile; never raises for per-tile problems."""
     t0 = time.perf_counter()
     tile = job.tile
-    folder = tile_dir(Path(job.out_dir), tile)
+    folder = tile_dir(Path(job.out_dir), tile.id)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     finished = load_finished(folder)
     if finished is not None:
@@ -138,11 +147,11 @@ def _build(job: TileJob, folder: Path) -> tuple[str, str, dict[str, Any]]:
         return "skipped", "no NAIP coverage", {}
     if not job.lidar:
         return "skipped", "no LiDAR coverage", {}
-    image = read_tile_image(tile, list(job.imagery), job.signer)
+    image = read_tile_image(tile, list(job.imagery), job.signer, job.policy)
     img_cov = float(image.valid.mean())
     if img_cov < job.min_coverage:
         return "skipped", f"NAIP covers less than {job.min_coverage:.0%} of the tile", {}
-    points = read_tile_points(tile, list(job.lidar), job.signer)
+    points = read_tile_points(tile, list(job.lidar), job.signer, job.policy)
     if len(points) == 0:
         return "skipped", "no LiDAR points in the tile", {}
     rasters = rasterize(points.arrays, tile)
@@ -236,7 +245,8 @@ def _build(job: TileJob, folder: Path) -> tuple[str, str, dict[str, Any]]:
             for name in FILES
         },
     }
-    write_json(folder / MANIFEST, manifest)
+    write_item(folder, manifest)
+    write_json(folder / MANIFEST, manifest)  # last: the tile is finished
     return "built", "", manifest
 
 

@@ -7,12 +7,10 @@ pickled into dask tasks, while the token cache stays per process (inside `planet
 
 from __future__ import annotations
 
-import re
-import urllib.error
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -24,12 +22,7 @@ from planetary_computer.utils import parse_blob_url
 
 from geoseg.stac.errors import StacError
 
-T = TypeVar("T")
-
 PLANETARY_COMPUTER_HOST = "planetarycomputer.microsoft.com"
-
-# GDAL/rasterio report HTTP failures only in the message, e.g. "HTTP response code: 403".
-_FORBIDDEN_MESSAGE = re.compile(r"(?i)(http|code|status)\D{0,20}\b403\b")
 
 
 class Signer(Protocol):
@@ -82,34 +75,33 @@ def signer_for(stac_url: str) -> Signer:
     return NoSigner()
 
 
-def with_resign(href: str, signer: Signer, fn: Callable[[str], T]) -> T:
-    """`fn(signed href)`, retried once with a freshly signed href if the read got HTTP 403.
+def load_signer(spec: str, stac_url: str) -> Signer:
+    """The signer named by `--signer`; ValueError (one line) for a bad name.
 
-    A 403 on a signed PC href almost always means the token expired mid-build.
+    `auto`: the API's own (Planetary Computer signs, other APIs need nothing); `none`;
+    `planetary-computer`; or `package.module:Name` for a store with its own tokens: `Name()` is
+    called without arguments and must have `sign(href, *, refresh=False)`, and it travels to the
+    dask workers by pickle, so it must be importable there too.
     """
+    if spec == "auto":
+        return signer_for(stac_url)
+    if spec == "none":
+        return NoSigner()
+    if spec == "planetary-computer":
+        return PlanetaryComputerSigner()
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(
+            f"signer {spec!r}: use auto, none, planetary-computer or package.module:Name"
+        )
     try:
-        return fn(signer.sign(href))
-    except Exception as err:
-        if not is_forbidden(err):
-            raise
-    return fn(signer.sign(href, refresh=True))
-
-
-def is_forbidden(err: BaseException) -> bool:
-    """Whether `err` (or an exception it wraps) is an HTTP 403 from requests, urllib or GDAL."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, urllib.error.HTTPError) and current.code == 403:
-            return True
-        response = getattr(current, "response", None)
-        if getattr(response, "status_code", None) == 403:
-            return True
-        if _FORBIDDEN_MESSAGE.search(str(current)):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"signer {spec!r} cannot be imported ({err})") from None
+    signer = factory()
+    if not callable(getattr(signer, "sign", None)):
+        raise ValueError(f"signer {spec!r} has no sign(href, refresh=False) method")
+    return signer
 
 
 def local_path(href: str, out_root: Path | None = None) -> str:

@@ -38,7 +38,7 @@ def test_no_engine_imports_in_qgis(provider: Any) -> None:
 def test_build_dataset_tiles_layer(sample_data: Path) -> None:
     """The footprints come back as outlines in each tile's own CRS (squares), one table per
     CRS, styled without fill when Processing loads them."""
-    tiles = QgsVectorLayer(str(sample_data / "tiles.geojson"), "tiles", "ogr")
+    tiles = QgsVectorLayer(str(sample_data / "tiles.vrt"), "tiles", "ogr")
     assert tiles.isValid() and 0 < tiles.featureCount() <= 24
     assert (sample_data / "report.md").exists()
     gpkg = sample_data / "footprints.gpkg"
@@ -68,7 +68,7 @@ def test_build_dataset_from_selected_polygon(
     import processing
     from qgis.PyQt.QtCore import Qt
 
-    tiles = QgsVectorLayer(str(sample_data / "tiles.geojson"), "tiles", "ogr")
+    tiles = QgsVectorLayer(str(sample_data / "tiles.vrt"), "tiles", "ogr")
     QgsProject.instance().addMapLayer(tiles)
     first = next(tiles.getFeatures())
     tiles.selectByIds([first.id()])
@@ -175,7 +175,7 @@ def test_segment_rejects_vector_layer(provider: Any, checkpoint: Path, sample_da
             "segment",
             {
                 "CHECKPOINT": str(checkpoint),
-                "INPUT": str(sample_data / "tiles.geojson"),
+                "INPUT": str(sample_data / "tiles.vrt"),
                 "OUTPUT": "TEMPORARY_OUTPUT",
             },
         )

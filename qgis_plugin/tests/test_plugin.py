@@ -14,6 +14,7 @@ from qgis.core import (
     QgsProject,
     QgsRasterLayer,
     QgsRectangle,
+    QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import QApplication, QToolButton
@@ -170,23 +171,23 @@ def test_diagnostics_is_readable(plugin: Any, qgis_errors: list[str]) -> None:
 def hits_file(folder: Path, data: Path) -> Path:
     """Three hits of the sample build: its first tiles, with lon/lat boxes as `geoseg search`
     writes them."""
-    tiles = json.loads((data / "tiles.geojson").read_text())["features"][:3]
+    layer = QgsVectorLayer(str(data / "tiles.vrt"), "tiles", "ogr")
+    tiles = sorted(layer.getFeatures(), key=lambda f: f["tile_id"])[:3]
     features = []
     for rank, tile in enumerate(tiles, 1):
-        props = tile["properties"]
-        xs = [x for x, _ in tile["geometry"]["coordinates"][0]]
-        ys = [y for _, y in tile["geometry"]["coordinates"][0]]
-        box = [[min(xs), min(ys)], [max(xs), min(ys)], [max(xs), max(ys)], [min(xs), max(ys)]]
+        r = tile.geometry().boundingBox()
+        box = [[r.xMinimum(), r.yMinimum()], [r.xMaximum(), r.yMinimum()],
+               [r.xMaximum(), r.yMaximum()], [r.xMinimum(), r.yMaximum()]]  # fmt: skip
         features.append(
             {
                 "type": "Feature",
-                "id": props["tile_id"],
+                "id": tile["tile_id"],
                 "geometry": {"type": "Polygon", "coordinates": [[*box, box[0]]]},
                 "properties": {
                     "rank": rank,
                     "score": 0.9 - rank / 10,
-                    "tile_id": props["tile_id"],
-                    "path": props["path"],
+                    "tile_id": tile["tile_id"],
+                    "path": tile["path"],
                     "frac_tree": 0.6,
                     "frac_ground": 0.3,
                 },
