@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shutil
@@ -155,6 +156,12 @@ def _metadata_bytes(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in names}
 
 
+def _first_difference(before: bytes, after: bytes) -> str:
+    lines = difflib.unified_diff(before.decode(errors="replace").splitlines(),
+                                 after.decode(errors="replace").splitlines(), lineterm="")  # fmt: skip
+    return "\n".join(list(lines)[:20])
+
+
 def test_rerun_skips_finished_tiles_and_rewrites_identical_metadata(
     sample_build: Path, tmp_path: Path
 ):
@@ -173,7 +180,8 @@ def test_rerun_skips_finished_tiles_and_rewrites_identical_metadata(
     after = _metadata_bytes(out)
     assert after.keys() == meta.keys()
     # Class order in geoseg:pixel_counts, not tile.json's sorted keys (was not byte-identical).
-    assert [k for k, v in after.items() if v != meta[k]] == []
+    changed = [k for k, v in after.items() if v != meta[k]]
+    assert changed == [], _first_difference(meta[changed[0]], after[changed[0]])
 
 
 @pytest.mark.slow

@@ -53,21 +53,21 @@ def test_pystac_client_bbox_and_datetime(stac_api: str) -> None:
 def test_search_items_intersects_and_datetime(stac_api: str) -> None:
     client = open_client(stac_api)
     lax = {"type": "Polygon", "coordinates": box(*LAX_BBOX)}
-    assert len(search_items(client, "naip", lax, None)) == 5
-    assert ids(search_items(client, "naip", lax, "2022")) == [LAX_2022]
+    assert len(list(search_items(client, "naip", lax, None))) == 5
+    assert ids(list(search_items(client, "naip", lax, "2022"))) == [LAX_2022]
 
 
 def test_null_datetime_items_match_by_start_end(stac_api: str) -> None:
     client = open_client(stac_api)
-    assert len(search_items(client, "3dep-lidar-copc", WORLD, "2020-06-01/2020-06-30")) == 4
-    assert search_items(client, "3dep-lidar-copc", WORLD, "2021") == []
+    assert len(list(search_items(client, "3dep-lidar-copc", WORLD, "2020-06-01/2020-06-30"))) == 4
+    assert list(search_items(client, "3dep-lidar-copc", WORLD, "2021")) == []
 
 
 def test_paging_follows_next_links(stac_api: str) -> None:
     client = open_client(stac_api)
     pages = list(client.search(collections=["naip"], intersects=WORLD, limit=3).pages_as_dicts())
     assert [len(p["features"]) for p in pages] == [3, 3, 3, 1]
-    items = search_items(client, "naip", WORLD, None, limit=3)
+    items = list(search_items(client, "naip", WORLD, None, limit=3))
     assert len(items) == len(set(ids(items))) == 10
 
 
@@ -90,7 +90,7 @@ def test_local_api_bypasses_proxy_settings(stac_api: str, monkeypatch: pytest.Mo
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     client = open_client(stac_api, retries=0)
-    assert len(search_items(client, "3dep-lidar-copc", WORLD, None)) == 4
+    assert len(list(search_items(client, "3dep-lidar-copc", WORLD, None))) == 4
 
 
 def test_find_inputs_lidar_datetime(stac_api: str) -> None:
@@ -180,7 +180,7 @@ def serve_fake(api: FakeApi) -> Iterator[FakeApi]:
 def test_pc_token_paging_and_post_retry() -> None:
     with serve_fake(FakeApi(failures={"GET": 2, "POST": 1})) as api:
         client = open_client(api.url, retries=3, backoff=0.01)
-        items = search_items(client, "naip", WORLD, None, limit=10)
+        items = list(search_items(client, "naip", WORLD, None, limit=10))
     assert len(items) == 11
     statuses = [(m, s) for m, s, _ in api.requests]
     assert statuses[:3] == [("GET", 503), ("GET", 503), ("GET", 200)]
@@ -206,7 +206,7 @@ def test_search_5xx_after_open_is_a_stac_error() -> None:
         client = open_client(api.url, retries=1, backoff=0.01)
         api.failures["POST"] = 100
         with pytest.raises(StacError, match=r"unreachable after 2 tries"):
-            search_items(client, "naip", WORLD, None)
+            list(search_items(client, "naip", WORLD, None))
 
 
 def test_timeouts_are_retried_then_reported() -> None:

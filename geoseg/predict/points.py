@@ -292,7 +292,7 @@ def catalog_items(
         else:
             url = stac_url or PLANETARY_COMPUTER_URL
         found = search_items(open_client(url), LIDAR_COLLECTION, scene_footprint(crs, bounds), None)
-    items = pick_project([parse_pointcloud(item) for item in found])
+        items = pick_project([parse_pointcloud(item) for item in found])
     if not items:
         raise PredictError(f"no {LIDAR_COLLECTION} item at {url} covers the image")
     return items, signer_for(url)

@@ -41,6 +41,8 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 RETRY_AFTER_MAX = 60.0
 """Cap on a server's Retry-After so a misbehaving API cannot stall a build for hours."""
 MAX_LISTED_COLLECTIONS = 20
+PAGE_SIZE = 1000
+"""Items per search page: Planetary Computer's largest; fewer round trips for 10^5 items."""
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 _DATETIME = re.compile(
     r"\d{4}(-\d{2}(-\d{2}([Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?)?)?)?"
@@ -109,12 +111,13 @@ def search_items(
     collection: str,
     intersects: dict[str, Any],
     datetime: str | None,
-    limit: int = 250,
-) -> list[dict[str, Any]]:
-    """All items of `collection` intersecting a GeoJSON geometry, as plain dicts.
+    limit: int = PAGE_SIZE,
+) -> Iterator[dict[str, Any]]:
+    """Every item of `collection` intersecting a GeoJSON geometry, as plain dicts, page by page.
 
     pystac-client follows `rel=next` links, including PC's POST links whose body carries the
-    paging token; `limit` is only the page size.
+    paging token; `limit` is only the page size. A generator: a state-wide search returns
+    hundreds of thousands of items (gigabytes of JSON), which callers reduce as they arrive.
     """
     url = client.self_href
     try:
@@ -128,7 +131,7 @@ def search_items(
     except DoesNotConformTo as err:
         raise StacError(f"STAC API {url} does not offer item search") from err
     with _api_errors(url, _tries(client), f"searching {collection!r}"):
-        return list(search.items_as_dicts())
+        yield from search.items_as_dicts()
 
 
 def find_inputs(
