@@ -20,6 +20,7 @@ import pytest
 import rasterio
 from rio_cogeo.cogeo import cog_validate
 
+from geoseg.builder.ledger import LEDGER, TileRows, check_ledgered, read_ledger, scan_finished
 from geoseg.builder.tile import FILES, MANIFEST
 from geoseg.classes import CLASS_NAMES
 from tests.utils import GEOSEG, checksums, geoseg
@@ -39,6 +40,7 @@ def test_sample_build_writes_the_full_tile_set(sample_build: Path):
     for name in (
         "collection.json",
         "index.parquet",
+        "ledger.parquet",
         "tiles.vrt",
         "footprints/part-0000.fgb",
         "stats.json",
@@ -157,8 +159,8 @@ def _metadata_bytes(out: Path) -> dict[str, bytes]:
 
 
 def _first_difference(before: bytes, after: bytes) -> str:
-    lines = difflib.unified_diff(before.decode(errors="replace").splitlines(),
-                                 after.decode(errors="replace").splitlines(), lineterm="")  # fmt: skip
+    old, new = (b.decode(errors="replace").splitlines() for b in (before, after))
+    lines = difflib.unified_diff(old, new, lineterm="")
     return "\n".join(list(lines)[:20])
 
 
@@ -182,6 +184,36 @@ def test_rerun_skips_finished_tiles_and_rewrites_identical_metadata(
     # Class order in geoseg:pixel_counts, not tile.json's sorted keys (was not byte-identical).
     changed = [k for k, v in after.items() if v != meta[k]]
     assert changed == [], _first_difference(meta[changed[0]], after[changed[0]])
+
+
+def test_the_ledger_stands_for_the_manifests_until_a_tile_changes(
+    sample_build: Path, tmp_path: Path
+):
+    """A resume trusts `ledger.parquet` (a few stat calls per tile) instead of reading 1.6 M
+    manifests: its rows must be what the manifests give, and any change to a tile's files must
+    send that tile back to its manifest."""
+    out = tmp_path / "copy"
+    shutil.copytree(sample_build, out)
+    ledger = read_ledger(out)
+    ids = ledger.tile_id.to_pylist()
+    assert ids == sorted(p.name for p in (out / "tiles").iterdir())
+    scanned, todo = scan_finished(str(out), ids)
+    assert todo == [] and scanned.to_table().equals(ledger.to_table())  # stamps included
+    assert TileRows.from_table(ledger.to_table()).to_table().equals(ledger.to_table())
+
+    def still_valid() -> np.ndarray:
+        args = (ledger.stamp, ledger.file_names, ledger.file_sizes)
+        return check_ledgered(str(out), ids, *args)
+
+    assert still_valid().all()
+    first, second, third = (out / "tiles" / t for t in ids[:3])
+    (first / MANIFEST).write_bytes((first / MANIFEST).read_bytes())  # rewritten: new mtime
+    with open(second / "label.tif", "ab") as f:
+        f.write(b"x")
+    (third / f"{third.name}.json").unlink()  # the item
+    assert still_valid().tolist() == [False] * 3 + [True] * (len(ids) - 3)
+    (out / LEDGER).write_bytes(b"not parquet")
+    assert read_ledger(out) is None  # a broken cache only costs a full scan
 
 
 @pytest.mark.slow

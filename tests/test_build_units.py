@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import shapely
@@ -120,3 +122,29 @@ def test_split_blocks_have_no_neighbours_across_splits():
                 other = where.get((c + dc, r + dr))
                 assert other in (None, s, BUFFER), ((c, r), s, other)
     assert assign_splits(cells, block=4, seed=1) == split  # deterministic
+
+
+def test_block_catalogs_list_each_tile_once_whatever_the_id_order(tmp_path):
+    """Sorted ids cross blocks (col 500 rows 60-70 span two; col 501 comes back): every block
+    catalog must still list all its tiles, and the collection each block once."""
+    import json
+
+    from geoseg.builder.catalog import CATALOG_BLOCK, block_of, write_stac
+
+    wkt = _tile().crs_wkt
+    ids = sorted(
+        TileSpec(wkt, 26910, col, row, 1.0, 512).id
+        for col in (500, 501, 1000)
+        for row in (60, 63, 64, 70)
+    )
+    write_stac(tmp_path, ids, None, None, resolve_region("CA"))
+    links = json.loads((tmp_path / "collection.json").read_text())["links"]
+    children = [link["href"] for link in links if link["rel"] == "child"]
+    assert len(children) == len(set(children)) == len({block_of(t) for t in ids})
+    listed = []
+    for href in children:
+        doc = json.loads((tmp_path / href).read_text())
+        items = [Path(link["href"]).stem for link in doc["links"] if link["rel"] == "item"]
+        assert {block_of(t) for t in items} == {block_of(items[0])}
+        listed += items
+    assert sorted(listed) == ids and CATALOG_BLOCK == 64

@@ -13,9 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import shapely
 from pystac_client import Client
 
-from geoseg.stac.client import StacError, find_inputs, open_client, search_items
+from geoseg.stac.client import StacError, find_inputs, open_client, search_items, search_parts
 from geoseg.stac.signing import local_path
 
 STAC_EXAMPLES = Path(__file__).parent / "data" / "stac_examples"
@@ -82,6 +83,21 @@ def test_find_inputs_end_to_end(stac_api: str, stac_catalog: Path) -> None:
         assert item.href.startswith("file:///")
         path = Path(local_path(item.href))
         assert path.is_file() and path.is_relative_to(stac_catalog)
+
+
+def test_a_large_area_is_searched_in_strips_and_each_item_kept_once(stac_api: str) -> None:
+    """A state is paged as strips side by side (a single cursor would fetch ~480 pages one by
+    one); items on a strip edge come back twice and must be kept once."""
+    area = {"type": "MultiPolygon", "coordinates": [box(*LAX_BBOX), box(*UTAH_BBOX)]}
+    parts = search_parts(area)
+    assert len(parts) > 1
+    union = shapely.union_all([shapely.geometry.shape(p) for p in parts])
+    assert union.symmetric_difference(shapely.geometry.shape(area)).area < 1e-9
+    whole = [i["id"] for i in search_items(open_client(stac_api), "3dep-lidar-copc", area, None)]
+    _, lidar = find_inputs(stac_api, area, None)
+    assert [i.id for i in lidar] == sorted(set(whole))
+    county = {"type": "Polygon", "coordinates": box(*LAX_BBOX)}
+    assert search_parts(county) == [county]
 
 
 def test_local_api_bypasses_proxy_settings(stac_api: str, monkeypatch: pytest.MonkeyPatch) -> None:

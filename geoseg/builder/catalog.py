@@ -174,7 +174,7 @@ def write_stac(
 ) -> None:
     """`collection.json` and the sub-catalogs linking every finished tile's item.
 
-    `tile_ids` must be sorted (blocks are then runs of it); `bbox` (lon/lat) and `interval`
+    `tile_ids` are sorted (a block lists its items in that order); `bbox` (lon/lat) and `interval`
     (ISO datetimes) are the collection's extent, None for a build without tiles.
     """
     spatial = bbox if bbox is not None else region.geometry.bounds
@@ -207,11 +207,16 @@ def write_stac(
     doc = collection.to_dict(include_self_link=False, transform_hrefs=False)
     doc["links"] = [_link("root", "./collection.json", pystac.MediaType.JSON, collection.title)]
     written = set()
-    for (grid, block), ids in groupby(tile_ids, key=block_of):
+    # Sorted ids do not keep a block together: `..._500_8000` .. `..._500_8127` spans two
+    # blocks, then `..._501_8000` returns to the first. So tiles are ordered by block first.
+    keys = [block_of(t) for t in tile_ids]
+    order = sorted(range(len(tile_ids)), key=keys.__getitem__)
+    for (grid, block), run in groupby(order, key=keys.__getitem__):
         path = out / "catalogs" / grid / f"{block}.json"
         doc["links"].append(_link("child", f"./catalogs/{grid}/{block}.json", "application/json"))
-        _write_json(path, _block_catalog(grid, block, list(ids)))
+        _write_json(path, _block_catalog(grid, block, [tile_ids[i] for i in run]))
         written.add(path)
+    del keys, order
     for stale in (out / "catalogs").glob("*/*.json"):  # blocks an earlier build had
         if stale not in written:
             stale.unlink()

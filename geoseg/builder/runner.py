@@ -17,8 +17,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import shapely
 import yaml
@@ -27,7 +29,7 @@ from tqdm import tqdm
 from geoseg.builder.catalog import write_stac
 from geoseg.builder.errors import BuildError, BuildInputError, EmptySearchError
 from geoseg.builder.index import index_frame, write_footprints, write_index
-from geoseg.builder.ledger import TileRows, scan_finished
+from geoseg.builder.ledger import TileRows, check_ledgered, read_ledger, scan_finished, write_ledger
 from geoseg.builder.plan import PlannedTile, plan_tiles
 from geoseg.builder.report import BuildSummary, write_report
 from geoseg.builder.split import split_codes
@@ -292,14 +294,39 @@ SCAN_CHUNK = 4096
 
 
 def resume_scan(client, out: Path, tile_ids: list[str]) -> tuple[list[TileRows], list[str]]:
-    """(rows of the finished tiles, ids still to build), scanned by the dask workers in chunks.
+    """(rows of the finished tiles, ids still to build), checked by the dask workers in chunks.
 
     A resume of a state-wide build finds ~1.6 M finished tiles: checking them in the driver, or
-    as one task each, would take far longer than the build's last few tiles.
+    as one task each, would take far longer than the build's last few tiles. Tiles in the
+    ledger of the last finished run are confirmed with a few `stat` calls each; the others have
+    their manifests read.
     """
-    chunks = [tile_ids[i : i + SCAN_CHUNK] for i in range(0, len(tile_ids), SCAN_CHUNK)]
+
+    def chunked(values: Any) -> list:
+        return [values[i : i + SCAN_CHUNK] for i in range(0, len(values), SCAN_CHUNK)]
+
+    parts, rest = [], tile_ids
+    ledger = read_ledger(out)
+    if ledger is not None and len(ledger) and tile_ids:
+        planned = pa.array(tile_ids, pa.string())
+        known = ledger.take(np.flatnonzero(pc.is_in(ledger.tile_id, value_set=planned)))
+        ids = chunked(known.tile_id.to_pylist())
+        futures = client.map(
+            check_ledgered,
+            [str(out)] * len(ids),
+            ids,
+            chunked(known.stamp),
+            [known.file_names] * len(ids),
+            chunked(known.file_sizes),
+            pure=False,
+        )
+        ok = np.concatenate([np.zeros(0, bool), *client.gather(futures)])
+        parts.append(known.take(np.flatnonzero(ok)))
+        confirmed = pc.is_in(planned, value_set=known.tile_id.filter(pa.array(ok)))
+        rest = [t for t, done in zip(tile_ids, confirmed.to_pylist(), strict=True) if not done]
+    chunks = chunked(rest)
     futures = client.map(scan_finished, [str(out)] * len(chunks), chunks, pure=False)
-    parts, todo = [], []
+    todo = []
     for rows, missing in client.gather(futures):
         parts.append(rows)
         todo.extend(missing)
@@ -310,17 +337,18 @@ class _RowBuffer:
     """Manifests of tiles built in this run, folded into `TileRows` a batch at a time."""
 
     def __init__(self, parts: list[TileRows], batch: int = 2048) -> None:
-        self.parts, self.batch, self.manifests = parts, batch, []
+        self.parts, self.batch, self.manifests, self.stamps = parts, batch, [], []
 
-    def add(self, manifest: dict) -> None:
+    def add(self, manifest: dict, stamp: int) -> None:
         self.manifests.append(manifest)
+        self.stamps.append(stamp)
         if len(self.manifests) >= self.batch:
             self.flush()
 
     def flush(self) -> None:
         if self.manifests:
-            self.parts.append(TileRows.from_manifests(self.manifests))
-            self.manifests = []
+            self.parts.append(TileRows.from_manifests(self.manifests, self.stamps))
+            self.manifests, self.stamps = [], []
 
 
 def build_dataset(
@@ -375,7 +403,7 @@ def build_dataset(
                 summary.add(result.tile_id, result.status, result.reason, result.seconds,
                             result.worker)  # fmt: skip
                 if result.status in ("built", "cached"):
-                    buffer.add(result.manifest)
+                    buffer.add(result.manifest, result.stamp)
         buffer.flush()
         summary.tile_seconds = time.perf_counter() - t_tiles
     summary.not_attempted = len(todo) - summary.tasks
@@ -404,6 +432,7 @@ def write_outputs(
     splits = split_codes(
         names, grid.ravel(), rows.col, rows.row, cfg.split_ratios, cfg.split_block, cfg.seed
     )
+    write_ledger(out, rows)
     frame = index_frame(rows, splits)
     write_index(out, frame)
     write_footprints(out, frame)

@@ -7,14 +7,18 @@ network or a wrong `--stac-url` reads as a sentence, not a requests/urllib3 trac
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC
 from datetime import datetime as Datetime
+from itertools import pairwise
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import pystac
+import shapely
 from pystac_client import Client
 from pystac_client.exceptions import APIError
 from pystac_client.stac_api_io import StacApiIO
@@ -43,6 +47,12 @@ RETRY_AFTER_MAX = 60.0
 MAX_LISTED_COLLECTIONS = 20
 PAGE_SIZE = 1000
 """Items per search page: Planetary Computer's largest; fewer round trips for 10^5 items."""
+SEARCH_THREADS = 4
+"""Searches paged at once over a large area. A state holds ~475 k LiDAR items, ~480 pages that
+one search cursor can only fetch one after the other (each costs the API seconds); the area is
+cut into strips searched side by side, and items on a strip edge are kept once."""
+SPLIT_AREA_DEG2 = 2.0
+"""Areas whose bounding box is smaller (a county) are searched whole."""
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 _DATETIME = re.compile(
     r"\d{4}(-\d{2}(-\d{2}([Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?)?)?)?"
@@ -150,15 +160,33 @@ def find_inputs(
     """
     client = open_client(stac_url)
     _require_collections(client, [imagery_collection, lidar_collection])
-    imagery = [
-        parse_imagery(item)
-        for item in search_items(client, imagery_collection, intersects, datetime)
-    ]
-    lidar = [
-        parse_pointcloud(item)
-        for item in search_items(client, lidar_collection, intersects, lidar_datetime)
-    ]
-    return sorted(imagery, key=lambda i: i.id), sorted(lidar, key=lambda i: i.id)
+    parts = search_parts(intersects)
+    searches: list[tuple[str, str | None, Callable, dict[str, Any]]] = [
+        (imagery_collection, datetime, parse_imagery, part) for part in parts
+    ] + [(lidar_collection, lidar_datetime, parse_pointcloud, part) for part in parts]
+
+    def run(search: tuple[str, str | None, Callable, dict[str, Any]]) -> list:
+        collection, when, parse, part = search
+        own = open_client(stac_url)  # a session per thread: requests' are not thread-safe
+        return [parse(item) for item in search_items(own, collection, part, when)]
+
+    with ThreadPoolExecutor(min(SEARCH_THREADS, len(searches))) as pool:
+        found = list(pool.map(run, searches))
+    imagery = {i.id: i for part in found[: len(parts)] for i in part}
+    lidar = {i.id: i for part in found[len(parts) :] for i in part}
+    return [imagery[k] for k in sorted(imagery)], [lidar[k] for k in sorted(lidar)]
+
+
+def search_parts(intersects: dict[str, Any], count: int = 2 * SEARCH_THREADS) -> list[dict]:
+    """`intersects` whole, or cut into `count` north-south strips when its box is large."""
+    geometry = shapely.geometry.shape(intersects)
+    west, south, east, north = geometry.bounds
+    if (east - west) * (north - south) < SPLIT_AREA_DEG2:
+        return [intersects]
+    edges = np.linspace(west, east, count + 1)
+    strips = [shapely.box(a, south, b, north) for a, b in pairwise(edges)]
+    cut = [shapely.intersection(geometry, strip) for strip in strips]
+    return [shapely.geometry.mapping(part) for part in cut if part.area > 0]
 
 
 def _require_collections(client: Client, ids: list[str]) -> None:
