@@ -837,6 +837,8 @@ def main() -> None:
     result["targets"] = TARGETS
     if "catalog" in only:
         result["catalog"] = run_phase("catalog", args)
+    elif (args.work / "catalog.json").exists():  # the catalog of an earlier run, reused
+        result["catalog"] = json.loads((args.work / "catalog.json").read_text())
     if "plan" in only:
         if args.stac_url:
             result["plan"] = run_phase("plan", args)
