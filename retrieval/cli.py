@@ -105,6 +105,11 @@ def _embedder_ref(model: str) -> str:
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="hits.geojson")
 @click.option("--thumbnails", type=click.Path(path_type=Path), help="PNG grid [OUT.png].")
+@click.option(
+    "--no-thumbnails",
+    is_flag=True,
+    help="No PNG grid: most of a warm search's time (the QGIS dock draws its own thumbnails).",
+)
 def search_cmd(
     text: str | None,
     index_path: Path,
@@ -121,6 +126,7 @@ def search_cmd(
     device: str,
     out: Path,
     thumbnails: Path | None,
+    no_thumbnails: bool,
 ) -> None:
     """Search an index with TEXT, --like TILE_ID or --image FILE.
 
@@ -152,12 +158,14 @@ def search_cmd(
         _fail(first_line(exc), EXIT_BAD_INPUT)
     described = {"text": text, "like": like, "image": str(image) if image else None}
     write_geojson(hits, out, {k: v for k, v in described.items() if v is not None})
-    png = thumbnails or out.with_suffix(".png")
-    write_thumbnails(hits, index.data, png, text or like or str(image))
+    written = [out]
+    if not no_thumbnails:
+        written.append(thumbnails or out.with_suffix(".png"))
+        write_thumbnails(hits, index.data, written[-1], text or like or str(image))
     for h in hits[:10]:
         rerank_score = "" if h.rerank is None else f"  rerank {h.rerank:+.3f}"
         click.echo(f"{h.rank:3d}  {h.score:.4f}  {h.tile_id}{rerank_score}")
-    click.echo(f"{len(hits)} hits: {out}, {png}")
+    click.echo(f"{len(hits)} hits: {', '.join(map(str, written))}")
 
 
 @click.command("evaluate-retrieval")

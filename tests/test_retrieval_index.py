@@ -237,6 +237,9 @@ def test_cli_search_like_and_image_and_errors(index: Path, build: Path, tmp_path
     assert res.exit_code == 0, res.output
     ids = [f["id"] for f in json.loads(out.read_text())["features"]]
     assert len(ids) == 4 and tid not in ids and out.with_suffix(".png").is_file()
+    bare = tmp_path / "bare.geojson"  # the QGIS dock's search: it draws its own thumbnails
+    res = runner.invoke(main, [*args, "--out", str(bare), "--no-thumbnails"])
+    assert res.exit_code == 0 and bare.is_file() and not bare.with_suffix(".png").exists()
     image = build / "tiles" / tid / "image.tif"
     res = runner.invoke(
         main,

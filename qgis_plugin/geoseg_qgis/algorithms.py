@@ -30,6 +30,7 @@ from qgis.core import (
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
     QgsProcessingOutputVectorLayer,
+    QgsProcessingParameterBoolean,
     QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSource,
@@ -580,7 +581,8 @@ class SearchAlgorithm(GeosegAlgorithm):
     HELP = (
         "Ranks the tiles of a retrieval index (made by `geoseg index`) against a text query or "
         "a tile id (tiles like it) and writes the hits (rank, score, lon/lat tile outline, tile "
-        "metadata) as GeoJSON, with a PNG grid of thumbnails beside it."
+        "metadata) as GeoJSON, with a PNG grid of thumbnails beside it unless unticked (the "
+        "search dock draws its own: the grid is most of a warm search's time)."
     )
 
     def initAlgorithm(self, config: Params | None = None) -> None:
@@ -591,6 +593,11 @@ class SearchAlgorithm(GeosegAlgorithm):
             )
         )
         self.addParameter(QgsProcessingParameterNumber("K", "Hits", defaultValue=12, minValue=1))
+        self.addParameter(
+            QgsProcessingParameterBoolean(
+                "THUMBNAILS", "Also write a PNG grid of thumbnails", defaultValue=True
+            )
+        )
         self.addParameter(
             QgsProcessingParameterFileDestination(
                 "OUTPUT", "Hits", "GeoJSON (*.geojson)", settings.output_path("hits.geojson")
@@ -608,6 +615,7 @@ class SearchAlgorithm(GeosegAlgorithm):
             "index": self.parameterAsFile(params, "INDEX", context),
             "k": self.parameterAsInt(params, "K", context),
             "out": out,
+            "no_thumbnails": not self.parameterAsBool(params, "THUMBNAILS", context),
         }
         positional = [query]
         if is_tile_id(query):

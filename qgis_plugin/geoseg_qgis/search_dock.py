@@ -224,7 +224,7 @@ class SearchDock(QgsDockWidget):
             self.status.setText("pick an index folder (made by geoseg index) first")
             return
         QgsSettings().setValue(INDEX_KEY, index)
-        params = {"QUERY": text, "INDEX": index, "K": 12}
+        params = {"QUERY": text, "INDEX": index, "K": 12, "THUMBNAILS": False}  # drawn here
         params["OUTPUT"] = settings.output_path("hits.geojson")
         Path(params["OUTPUT"]).parent.mkdir(parents=True, exist_ok=True)
         self.job = AlgorithmRun("search", params, self._searched)

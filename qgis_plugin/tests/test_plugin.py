@@ -290,6 +290,8 @@ def test_search_dock_real_search(
         wait_for(lambda: dock.job is None, timeout=240)
         assert dock.results.count() > 0, dock.status.text()
         assert not dock.results.item(0).icon().isNull()
+        # No PNG grid: the dock draws its own thumbnails (the grid was ~2/3 of a warm search)
+        assert not Path(dock.hits_path).with_suffix(".png").exists()
         pids.append(WARM.pid)
     assert pids[0] is not None and pids[0] == pids[1]
     dock.clear()
