@@ -23,9 +23,7 @@ Run with QGIS's Python (the repo's .qgis-venv; no torch in it), the engine from 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -33,8 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machine import cpu_model
-from qgis_engine import children_cpu, process_cpu, summary
+from qgis_engine import children_cpu, process_cpu, summary, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "qgis_dock.json"
@@ -107,7 +104,7 @@ def main() -> None:
             "wall_s": summary([w for w, _, _ in samples]),
             "cpu_s": summary([c for _, c, _ in samples]),
             "n": len(samples),
-            "status": samples[-1][2],
+            "note": samples[-1][2],
         }
 
     queries = [QUERIES[i % len(QUERIES)] for i in range(args.reps + 1)]
@@ -117,28 +114,14 @@ def main() -> None:
     record("dock text search: warm engine, first (starts it)", [search(queries[0])])
     record("dock text search: warm engine, next", [search(q) for q in queries[1:]])
     WARM.close()
-    report = {
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "qgis": Qgis.QGIS_VERSION,
-            "load_before": load_before,
-            "load_after": os.getloadavg(),
-        },
-        "index": str(args.index),
-        "reps": args.reps,
-        "rows": rows,
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'job':52} {'wall s median [min-max]':>26} {'CPU s':>8}")
-    for name, row in rows.items():
-        w, c = row["wall_s"], row["cpu_s"]
-        span = f"{w['median']:.2f} [{w['min']:.2f}-{w['max']:.2f}]"
-        print(f"{name:52} {span:>26} {c['median']:8.2f}")
-    print(f"load average before {load_before}, after {report['machine']['load_after']}")
-    print(f"wrote {RESULTS}")
+    write_report(
+        RESULTS,
+        rows,
+        {"qgis": Qgis.QGIS_VERSION},
+        load_before,
+        index=str(args.index),
+        reps=args.reps,
+    )
     QgsApplication.processingRegistry().removeProvider(provider)
     app.exitQgis()
 

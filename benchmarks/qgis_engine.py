@@ -190,29 +190,37 @@ def main() -> None:
                 )
         finally:
             warm.close()
-    report = {
-        "machine": {
-            "cpu": cpu_model(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": metadata.version("torch"),
-            "load_before": load_before,
-            "load_after": os.getloadavg(),
-        },
-        "index": str(args.index),
-        "checkpoint": str(args.checkpoint),
-        "reps": args.reps,
-        "rows": rows,
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(
+        RESULTS,
+        rows,
+        {"torch": metadata.version("torch")},
+        load_before,
+        index=str(args.index),
+        checkpoint=str(args.checkpoint),
+        reps=args.reps,
+    )
+
+
+def write_report(
+    path: Path,
+    rows: dict[str, dict[str, Any]],
+    versions: dict[str, str],
+    load_before: tuple[float, float, float],
+    **inputs: Any,
+) -> None:
+    """JSON with the machine, the load around the run and the rows; the table on stdout (shared
+    with qgis_dock.py)."""
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
+    machine |= versions | {"load_before": load_before, "load_after": os.getloadavg()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine, **inputs, "rows": rows}, indent=2) + "\n")
     print(f"{'job':58} {'wall s median [min-max]':>26} {'CPU s':>8}  outcome")
     for name, row in rows.items():
         w, c = row["wall_s"], row["cpu_s"]
         span = f"{w['median']:.2f} [{w['min']:.2f}-{w['max']:.2f}]"
-        print(f"{name:58} {span:>26} {c['median']:8.2f}  {row['outcome']} {row['note']}")
-    print(f"load average before {load_before}, after {report['machine']['load_after']}")
-    print(f"wrote {RESULTS}")
+        print(f"{name:58} {span:>26} {c['median']:8.2f}  {row.get('outcome', '')} {row['note']}")
+    print(f"load average before {load_before}, after {machine['load_after']}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
