@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import COPC, ENGINE, MAKE_EPT, ROOT, SCENE, wait_for
+from conftest import COPC, ENGINE, MAKE_EPT, ROOT, SCENE, listing, wait_for
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsMapRendererSequentialJob,
@@ -111,8 +111,15 @@ def test_toolbar(plugin: Any, demo_project: Any) -> None:
 
 
 def test_segment_with_point_cloud_layer_and_named_legend(
-    plugin: Any, demo_project: Any, qgis_canvas: Any
+    plugin: Any, demo_project: Any, qgis_canvas: Any, qgis_errors: list[str]
 ) -> None:
+    """The done-when with the real `make demo` IKD-Net on the whole sample scene: the legend
+    names the checkpoint's classes, no Python error, nothing written beside the scene's copy
+    or the LiDAR but QGIS's own statistics cache of the scene."""
+    from geoseg_qgis.checkpoint_info import describe
+
+    folder = demo_project["folder"]
+    inputs = {p for p in listing(folder) if not p.startswith("geoseg")}
     dialog = plugin.segment_layer()
     wait_for(lambda: dialog.model.needs_points() is not None)
     dialog.lidar.use_layer.setChecked(True)
@@ -126,7 +133,11 @@ def test_segment_with_point_cloud_layer_and_named_legend(
         lyr for lyr in QgsProject.instance().mapLayers().values() if lyr.name().endswith("classes")
     )
     assert classes.renderer().type() == "paletted"
+    names = [c["name"] for c in describe(demo_project["checkpoint"])["classes"]]
+    assert [c.label for c in classes.renderer().classes()] == names, names
     dialog.close()
+    added = {p for p in listing(folder) if not p.startswith("geoseg")} - inputs
+    assert added <= {SCENE.name + ".aux.xml"}, added  # QGIS's own, for the layer it draws
     legend_and_map(classes, demo_project["scene"], Path(OUT or ".") / "qgis_legend.png")
 
 
