@@ -49,3 +49,46 @@ def test_chance_row_and_summaries(sample_build: Path) -> None:
     assert summary["test"]["pixels"]["miou"]["mean"] == pytest.approx(0.6)
     assert summary["test"]["pixels"]["miou"]["std"] == pytest.approx(0.1414, abs=1e-4)
     assert "± " in accuracy._pm(summary["test"]["pixels"]["miou"])
+    runs[0]["test_last"] = {"pixels": {"miou": 0.4}}
+    summary = accuracy.summarise(runs)  # `last` scored in one run only: its own mean
+    assert summary["test_last"]["pixels"]["miou"]["mean"] == pytest.approx(0.4)
+    row = accuracy.table({"chance": chance, "summary": {"x": {"seeds": 2} | summary}})
+    assert "| x | 2 | 0.600 ± 0.141 | 0.400 ± 0.000 |" in row
+
+
+def test_val_scores_come_from_the_model_card() -> None:
+    card = {"miou": 0.5, "oa": 0.9, "kappa": 0.4, "iou": {"ground": 0.9, "tree": None},
+            "points": None}  # fmt: skip
+    assert accuracy._card_scores(card) == {
+        "pixels": {"miou": 0.5, "oa": 0.9, "kappa": 0.4, "iou/ground": 0.9, "iou/tree": None}
+    }
+
+
+def test_two_instances_share_one_results_file(tmp_path: Path) -> None:
+    """save_run merges into what the file holds now, so `--only` runs in parallel add up."""
+    path = tmp_path / "accuracy.json"
+    run = {"steps": 1, "train_cpu_s": 1.0, "train_wall_s": 1.0, "load": 1.0,
+           "test": {"pixels": {"miou": 0.5}}, "val": {}}  # fmt: skip
+    first = {"variants": {"unet": {"what": "u", "runs": {}}}, "calibration": {"unet": 0.1}}
+    second = {"variants": {"ikdnet": {"what": "i", "runs": {}}}, "calibration": {"ikdnet": 0.2}}
+    accuracy.save_run(path, first, "unet", 0, run)
+    accuracy.save_run(path, second, "ikdnet", 0, run)
+    accuracy.save_run(path, first, "unet", 1, run)
+    saved = json.loads(path.read_text())
+    assert {n: sorted(v["runs"]) for n, v in saved["variants"].items()} == {
+        "unet": ["0", "1"],
+        "ikdnet": ["0"],
+    }
+    assert saved["calibration"] == {"unet": 0.1, "ikdnet": 0.2}
+    assert {n: v["seeds"] for n, v in saved["summary"].items()} == {"unet": 2, "ikdnet": 1}
+    assert list(tmp_path.iterdir()) == [path]  # no lock file left behind
+
+
+def test_a_budget_buys_steps_over_fixed_epochs_with_the_same_total_decay() -> None:
+    base = yaml.safe_load(accuracy.BASE.read_text())
+    cfg = accuracy.variant_config(base, "unet", seed=0)
+    accuracy.budgeted(cfg, per_step=0.5, budget=100.0)  # 200 steps
+    steps = cfg["data"]["epoch_tiles"] * accuracy.EPOCHS // cfg["data"]["batch_size"]
+    assert steps == 200 and cfg["trainer"]["max_epochs"] == accuracy.EPOCHS
+    total = base["optim"]["gamma"] ** base["trainer"]["max_epochs"]
+    assert cfg["optim"]["gamma"] ** accuracy.EPOCHS == pytest.approx(total)
