@@ -102,6 +102,30 @@ def test_grid_cells_never_duplicate_ground_across_utm_zones():
         assert union.buffer(1e-6).contains(shapely.Point(lon, 38.1))
 
 
+def test_planning_in_chunks_gives_the_same_cells_and_items(monkeypatch):
+    """State-size planning works a few rows of cells at a time; the chunks must not show."""
+    from types import SimpleNamespace
+
+    import geoseg.builder.grid as grid
+    import geoseg.builder.plan as plan
+
+    ca = resolve_region("CA").geometry
+    strip = shapely.intersection(ca, shapely.box(-120.3, 38.0, -119.7, 38.2))
+    crs = CRS.from_epsg(26910)
+    items = [
+        SimpleNamespace(footprint_wkt=shapely.box(x, 38.0, x + 0.07, 38.2).wkt)
+        for x in np.arange(-120.3, -119.7, 0.05)
+    ]
+    whole = plan_cells(strip, crs, 1.0, 512, zone_filter=True)
+    whole_items = plan._assign(whole, items, crs)
+    monkeypatch.setattr(grid, "CHUNK_CELLS", 7)
+    monkeypatch.setattr(plan, "CHUNK_CELLS", 5)
+    chunked = plan_cells(strip, crs, 1.0, 512, zone_filter=True)
+    assert len(whole) > 20 and chunked == whole
+    assert plan._assign(chunked, items, crs) == whole_items
+    assert all(whole_items) and max(map(len, whole_items)) > 1
+
+
 def test_tile_ids_are_stable_and_grid_anchored():
     t = TileSpec(CRS.from_epsg(26910).to_wkt(), 26910, 1200, 8400, 1.0, 512)
     assert t.id == "26910_100cm512_1200_8400"

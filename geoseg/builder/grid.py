@@ -125,6 +125,10 @@ def utm_zone_band(crs: CRS) -> tuple[float, float] | None:
     return (number * 6 - 186.0, number * 6 - 180.0)
 
 
+CHUNK_CELLS = 1 << 18
+"""Cells whose boxes exist at once while planning: bounds the planner's memory at state size."""
+
+
 def plan_cells(
     area_lonlat: shapely.Geometry,
     crs: CRS,
@@ -144,20 +148,24 @@ def plan_cells(
     xmin, ymin, xmax, ymax = area.bounds
     cols = np.arange(math.floor(xmin / span), math.floor(xmax / span) + 1)
     rows = np.arange(math.floor(ymin / span), math.floor(ymax / span) + 1)
-    cc, rr = (a.ravel() for a in np.meshgrid(cols, rows))
-    cells = shapely.box(cc * span, rr * span, (cc + 1) * span, (rr + 1) * span)
     shapely.prepare(area)
-    keep = shapely.intersects(area, cells) & ~shapely.touches(area, cells)
     band = utm_zone_band(crs) if zone_filter else None
-    if band is not None:
-        cx, cy = (cc + 0.5) * span, (rr + 0.5) * span
-        lon, _ = transformer(crs, CRS.from_epsg(4326)).transform(cx, cy)
-        keep &= (np.asarray(lon) >= band[0]) & (np.asarray(lon) < band[1])
     wkt, epsg = crs.to_wkt(), crs.to_epsg()
-    return [
-        TileSpec(wkt, epsg, int(c), int(r), gsd, size)
-        for c, r in zip(cc[keep], rr[keep], strict=True)
-    ]
+    cells: list[TileSpec] = []
+    step = max(1, CHUNK_CELLS // len(cols))
+    for start in range(0, len(rows), step):  # a few rows at a time: a state's box is ~10^7 cells
+        cc, rr = (a.ravel() for a in np.meshgrid(cols, rows[start : start + step]))
+        boxes = shapely.box(cc * span, rr * span, (cc + 1) * span, (rr + 1) * span)
+        keep = shapely.intersects(area, boxes) & ~shapely.touches(area, boxes)
+        if band is not None:
+            cx, cy = (cc + 0.5) * span, (rr + 0.5) * span
+            lon, _ = transformer(crs, CRS.from_epsg(4326)).transform(cx, cy)
+            keep &= (np.asarray(lon) >= band[0]) & (np.asarray(lon) < band[1])
+        cells += [
+            TileSpec(wkt, epsg, int(c), int(r), gsd, size)
+            for c, r in zip(cc[keep], rr[keep], strict=True)
+        ]
+    return cells
 
 
 def horizontal_crs(crs: CRS) -> CRS:

@@ -14,7 +14,13 @@ import numpy as np
 import shapely
 from pyproj import CRS
 
-from geoseg.builder.grid import TileSpec, horizontal_crs, plan_cells, reproject_geometry
+from geoseg.builder.grid import (
+    CHUNK_CELLS,
+    TileSpec,
+    horizontal_crs,
+    plan_cells,
+    reproject_geometry,
+)
 from geoseg.stac.items import ImageryItem, PointCloudItem
 
 LONLAT = CRS.from_epsg(4326)
@@ -46,11 +52,14 @@ def _assign(cells: list[TileSpec], items: list, crs: CRS) -> list[list[int]]:
         return out
     feet = _footprints(items, crs)
     tree = shapely.STRtree(feet)
-    boxes = shapely.box(*np.array([c.bounds for c in cells]).T)
-    cell_idx, item_idx = tree.query(boxes, predicate="intersects")
-    touching = shapely.touches(boxes[cell_idx], np.asarray(feet, dtype=object)[item_idx])
-    for c, i in zip(cell_idx[~touching], item_idx[~touching], strict=True):
-        out[c].append(int(i))
+    feet = np.asarray(feet, dtype=object)
+    for start in range(0, len(cells), CHUNK_CELLS):  # pairs of a chunk only: ~10^7 at state size
+        chunk = cells[start : start + CHUNK_CELLS]
+        boxes = shapely.box(*np.array([c.bounds for c in chunk]).T)
+        cell_idx, item_idx = tree.query(boxes, predicate="intersects")
+        overlap = ~shapely.touches(boxes[cell_idx], feet[item_idx])
+        for c, i in zip(cell_idx[overlap], item_idx[overlap], strict=True):
+            out[start + c].append(int(i))
     return out
 
 
