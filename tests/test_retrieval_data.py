@@ -11,7 +11,15 @@ import pytest
 import torch
 
 import retrieval.data as rdata
-from retrieval.captions import N3C, captions, facts, kind_shares, relevance
+from retrieval.captions import (
+    DOCUMENT_WEIGHTS,
+    N3C,
+    captions,
+    document,
+    facts,
+    kind_shares,
+    relevance,
+)
 from retrieval.data import CLASSES, TileInfo, load_tiles, tile_rgb
 
 
@@ -120,6 +128,39 @@ def test_layout_and_colour_facts_reach_the_captions():
         {"ground": 1.0}, brightness=0.25, red_share=0.30, green_share=0.37, blue_share=0.33
     )
     assert facts(green).colour == ("green", "dark")
+
+
+def test_tile_documents_write_out_every_wording_and_steer_the_tile_vector(build, tiles):
+    """A tile document is deterministic, led by its dominant kind with every synonym; fused into
+    the index vector (`document_weight`), it moves a forest tile towards a forest query that no
+    phrase of the grammar spells ("a pine grove"), and away from a field tile."""
+    from retrieval.embedder import create_embedder
+    from retrieval.index import embed_tile_batch
+
+    forest = next(t for t in tiles if t.dominant == "tree" and t.class_fractions["tree"] > 0.6)
+    field = next(t for t in tiles if t.dominant == "ground" and t.class_fractions["tree"] < 0.01)
+    doc = document(forest)
+    assert doc == document(forest) and doc[0][0] == DOCUMENT_WEIGHTS["dominant"]
+    assert {"trees", "forest"} <= set(doc[0][1])
+    assert not any("grove" in p for _, phrases in doc for p in phrases)
+    image_only = create_embedder({"backbone": {"kind": "default"}}).eval()
+    fused = create_embedder({"backbone": {"kind": "default"}, "document_weight": 0.6}).eval()
+    fused.load_state_dict(image_only.state_dict())
+    plain = embed_tile_batch(image_only, build, [forest, field])
+    assert np.allclose(
+        plain,
+        image_only.embed_tiles(
+            torch.stack([tile_rgb(build, t.tile_id) for t in [forest, field]])
+        ).numpy(),
+        atol=1e-5,
+    )
+    vectors = embed_tile_batch(fused, build, [forest, field])
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    query = fused.embed_queries(["a pine grove"]).numpy()[0]
+    assert vectors[0] @ query > vectors[1] @ query
+    assert (vectors[0] - vectors[1]) @ query > (plain[0] - plain[1]) @ query
+    with pytest.raises(ValueError, match="document_weight"):
+        create_embedder({"backbone": {"kind": "default"}, "document_weight": 1.0})
 
 
 def test_layout_stats_of_a_label_mask():

@@ -25,6 +25,7 @@ from retrieval.backbones.openclip import (
     parse_ref,
     read_state_dict,
 )
+from retrieval.queries import QUERY_DIR
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -140,6 +141,18 @@ def test_checkpoint_file_indexes_and_searches_the_sample(vit_b32, sample_build: 
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert like.returncode == 0, like.stderr
+    # the same file is the zero-shot baseline of evaluate-retrieval, beside chance
+    run = subprocess.run(
+        [*cli, "evaluate-retrieval", "--data", str(sample_build), "--model", ref,
+         "--queries", str(QUERY_DIR / "dev.yaml"), "--out", str(tmp_path / "eval"),
+         "--device", "cpu"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())["rows"]
+    baseline = [r for r in rows if r["model"] == ref]
+    assert {r["pool"] for r in baseline} == {"index", "unseen"}
+    assert all(0 < r["summary"]["p@10"]["chance"] < 1 for r in baseline)
 
 
 @pytest.mark.slow
