@@ -152,10 +152,11 @@ class TileEmbedder(nn.Module):
         self,
         images: Tensor,
         texts: list[str] | None = None,
-        documents: list[Document] | None = None,
+        documents: list[Document | None] | None = None,
     ) -> Tensor:
         """(B, 3, H, W) RGB in [0, 1] [+ a text per tile in the sequence] [+ a tile document
-        per tile, fused by `document_weight`] -> (B, dim), L2-normalised."""
+        per tile, fused by `document_weight`; None for a tile without one (no labels): its image
+        vector alone] -> (B, dim), L2-normalised."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected (B, 3, H, W) RGB tiles, got shape {tuple(images.shape)}")
         if texts is None:
@@ -166,9 +167,12 @@ class TileEmbedder(nn.Module):
             return vectors
         if len(documents) != len(vectors):
             raise ValueError(f"{len(documents)} documents for {len(vectors)} tiles")
-        docs = torch.stack([self.embed_document(d) for d in documents]).to(vectors)
         w = self.document_weight
-        return F.normalize((1 - w) * vectors + w * docs, dim=-1)
+        fused = [
+            v if d is None else F.normalize((1 - w) * v + w * self.embed_document(d).to(v), dim=0)
+            for v, d in zip(vectors, documents, strict=True)
+        ]
+        return torch.stack(fused)
 
     @torch.no_grad()
     def embed_document(self, document: Document) -> Tensor:

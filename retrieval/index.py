@@ -75,12 +75,14 @@ def uses_documents(embedder: Any) -> bool:
 def embed_tile_batch(embedder: Any, data: Path, batch: Sequence[TileInfo]) -> np.ndarray:
     """(B, dim) float32 vectors of built tiles: the RGB image, fused with each tile's document
     (`retrieval.captions.document`: its labels, LiDAR heights, NDVI, terrain written out)
-    when the embedder uses documents. The one way index and evaluation embed a tile."""
+    when the embedder uses documents; a tile without labels (imagery the archive has no LiDAR
+    labels for) keeps its image vector. The one way index and evaluation embed a tile."""
     images = torch.stack([tile_rgb(data, t.tile_id) for t in batch])
     if uses_documents(embedder):
         from retrieval.captions import document
 
-        vectors = embedder.embed_tiles(images, documents=[document(t) for t in batch])
+        documents = [None if t.dominant is None else document(t) for t in batch]
+        vectors = embedder.embed_tiles(images, documents=documents)
     else:
         vectors = embedder.embed_tiles(images)
     return np.ascontiguousarray(vectors.float().cpu().numpy(), dtype=np.float32)

@@ -171,9 +171,10 @@ class Run:
         self, embedder: TileEmbedder, indices: Sequence[int]
     ) -> tuple[Tensor, list[str]]:
         """(N, dim) query embeddings of fresh captions of the tiles, and the captions. A frozen
-        text side (`freeze_lm`) gives the same vector for the same caption, so each tile gets a
-        bank of `train.caption_bank` captions embedded once, and a step draws from it."""
-        if not getattr(embedder.backbone, "freeze_lm", False):
+        text side (`freeze_lm`, no LoRA adapters) gives the same vector for the same caption, so
+        each tile gets a bank of `train.caption_bank` captions embedded once, and a step draws
+        from it."""
+        if _text_learns(embedder):
             texts = self.captions(indices)
             return embedder.embed_queries(texts), texts
         size = self.cfg["train"]["caption_bank"]
@@ -210,6 +211,15 @@ def dihedral(image: Tensor, view: int) -> Tensor:
     if view >= 4:
         image = image.flip(-1)
     return torch.rot90(image, view % 4, dims=(-2, -1))
+
+
+def _text_learns(embedder: TileEmbedder) -> bool:
+    """Whether a training step changes caption embeddings: an unfrozen language model, or LoRA
+    adapters (`contrastive.lora`, `judge.lora`) on a frozen one."""
+    backbone = embedder.backbone
+    if not getattr(backbone, "freeze_lm", False):
+        return True
+    return any(p.requires_grad for p in backbone.get_submodule(backbone.lm_attr).parameters())
 
 
 def _optimise(
@@ -339,7 +349,10 @@ def apply_lora(embedder: TileEmbedder, lora: dict[str, Any]) -> Callable[[], Non
 
 
 def _maybe_lora(run: Run, embedder: TileEmbedder, enabled: bool) -> Callable[[], None]:
-    return apply_lora(embedder, run.cfg["lora"]) if enabled else (lambda: None)
+    if not enabled:
+        return lambda: None
+    run._bank.clear()  # caption vectors of the text side before its adapters learn
+    return apply_lora(embedder, run.cfg["lora"])
 
 
 def _stage_generative(run: Run, embedder: TileEmbedder, folder: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from pathlib import Path
@@ -131,9 +132,11 @@ def test_layout_and_colour_facts_reach_the_captions():
 
 
 def test_tile_documents_write_out_every_wording_and_steer_the_tile_vector(build, tiles):
-    """A tile document is deterministic, led by its dominant kind with every synonym; fused into
-    the index vector (`document_weight`), it moves a forest tile towards a forest query that no
-    phrase of the grammar spells ("a pine grove"), and away from a field tile."""
+    """A tile document is deterministic, led by its dominant kind with every synonym. Its vector
+    ranks a forest tile above a field tile for a forest query that no phrase of the grammar
+    spells ("a pine grove"); fused into the index vector (`document_weight` w), a tile is
+    normalise((1 - w) image + w document). A tile without labels has no document: it keeps its
+    image vector."""
     from retrieval.embedder import create_embedder
     from retrieval.index import embed_tile_batch
 
@@ -143,22 +146,18 @@ def test_tile_documents_write_out_every_wording_and_steer_the_tile_vector(build,
     assert doc == document(forest) and doc[0][0] == DOCUMENT_WEIGHTS["dominant"]
     assert {"trees", "forest"} <= set(doc[0][1])
     assert not any("grove" in p for _, phrases in doc for p in phrases)
-    image_only = create_embedder({"backbone": {"kind": "default"}}).eval()
+    torch.manual_seed(0)
     fused = create_embedder({"backbone": {"kind": "default"}, "document_weight": 0.6}).eval()
-    fused.load_state_dict(image_only.state_dict())
-    plain = embed_tile_batch(image_only, build, [forest, field])
-    assert np.allclose(
-        plain,
-        image_only.embed_tiles(
-            torch.stack([tile_rgb(build, t.tile_id) for t in [forest, field]])
-        ).numpy(),
-        atol=1e-5,
-    )
-    vectors = embed_tile_batch(fused, build, [forest, field])
-    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    pair = [forest, field]
+    plain = fused.embed_tiles(torch.stack([tile_rgb(build, t.tile_id) for t in pair])).numpy()
+    docs = np.stack([fused.embed_document(document(t)).numpy() for t in pair])
     query = fused.embed_queries(["a pine grove"]).numpy()[0]
-    assert vectors[0] @ query > vectors[1] @ query
-    assert (vectors[0] - vectors[1]) @ query > (plain[0] - plain[1]) @ query
+    assert docs[0] @ query > docs[1] @ query
+    expected = 0.4 * plain + 0.6 * docs
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert np.allclose(embed_tile_batch(fused, build, pair), expected, atol=1e-5)
+    unlabelled = dataclasses.replace(forest, class_fractions={})
+    assert np.allclose(embed_tile_batch(fused, build, [unlabelled]), plain[:1], atol=1e-5)
     with pytest.raises(ValueError, match="document_weight"):
         create_embedder({"backbone": {"kind": "default"}, "document_weight": 1.0})
 

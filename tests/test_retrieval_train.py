@@ -138,3 +138,19 @@ def test_frozen_towers_train_only_the_connector_from_cached_features(sample_buil
     trained = load_embedder(out / "embedder", device="cpu").state_dict()
     changed = {k.split(".")[1] for k in trained if not torch.equal(trained[k], start[k])}
     assert changed == {"connector"}
+
+
+def test_lora_on_a_frozen_text_tower_trains_the_query_side():
+    """A frozen MiniLM caches caption vectors (they never change); LoRA adapters on it
+    (`contrastive.lora`) make them learn, so captions are embedded afresh with gradients."""
+    from retrieval.embedder import create_embedder
+    from retrieval.train import DEFAULTS, _text_learns, apply_lora
+
+    frozen = {**MICRO["model"]["backbone"], "freeze_lm": True, "freeze_vision": True}
+    embedder = create_embedder({**MICRO["model"], "backbone": frozen})
+    assert not _text_learns(embedder)
+    merge = apply_lora(embedder, DEFAULTS["lora"])
+    assert _text_learns(embedder)
+    assert embedder.embed_queries(["a few trees"]).requires_grad
+    merge()
+    assert not _text_learns(embedder)
