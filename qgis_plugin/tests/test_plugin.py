@@ -18,6 +18,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import QApplication, QToolButton
+from test_algorithms import fake_engine
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -260,6 +261,21 @@ def test_failed_search_clears_stale_hits_and_says_why(
     assert dock.results.count() == 0 and not dock.add_button.isEnabled()
     status = dock.status.text()
     assert status.startswith("search failed: geoseg search: ") and "not a tile index" in status
+
+
+def test_failed_search_shows_the_cause_with_its_fix(
+    dock: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qgis_errors: list[str]
+) -> None:
+    """An error that comes with a fix (an engine Python without geoseg): the status line shows
+    the cause and the fix (fails before: only the last line, the "Fix:" hint)."""
+    python = fake_engine(tmp_path, 'exec /usr/bin/python3 -I "$@"')
+    monkeypatch.setenv("GEOSEG_ENGINE_PYTHON", str(python))
+    dock.query.setText("trees")
+    dock.search()
+    wait_for(lambda: dock.search_button.isEnabled())
+    status = dock.status.text()
+    assert status.startswith("search failed: ") and "has no geoseg installed" in status, status
+    assert "Fix: in the geoseg environment run" in status
 
 
 def save_screenshot(dock: Any, tmp_path: Path) -> None:
