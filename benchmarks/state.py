@@ -11,6 +11,9 @@ Phases, each in its own process (its peak RSS and CPU time are its own):
    served by `rustac serve --pgstac`, all started here; `plan_build` for --region CA against it,
    as a build runs it: paging through every item of both collections (timed on its own), then
    planning the tile grid. Peak RSS and CPU of the planner and of the servers, tile counts.
+   With `--max-pages N` each search pages N pages only: the paging rate is measured on them
+   and the time of all pages extrapolated, and the plan is made from the same items read from
+   the catalog files (the run counts how many sampled items equal them).
    (rustac's in-memory backend held 14.2 GiB for this catalog and was killed: docs/benchmarks.md.)
 3. outputs: the end of a build over the planned tiles with stub results (realistic manifests,
    no pixel work): manifests folded into `TileRows` in batches as the driver does while tiles
@@ -24,6 +27,7 @@ Phases, each in its own process (its peak RSS and CPU time are its own):
 
 Results: benchmarks/results/state.json (or --json), a table on stdout.
 Usage: python benchmarks/state.py [--work DIR] [--only catalog,plan,outputs,scan] [--scan-tiles N]
+       [--max-pages N]
 Needs: pypgstac (`pip install -e '.[state]'`), PostgreSQL 15 with PostGIS
 (`apt-get install postgresql-15 postgresql-15-postgis-3`), ~10 GB free under --work.
 """
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -288,6 +293,8 @@ def run_phase(phase: str, args: argparse.Namespace, servers: list[int] = ()) -> 
         str(args.work),
         "--scan-tiles",
         str(args.scan_tiles),
+        "--max-pages",
+        str(args.max_pages),
         "--region",
         args.region,
     ]
@@ -319,6 +326,34 @@ def run_phase(phase: str, args: argparse.Namespace, servers: list[int] = ()) -> 
     if servers:
         result["server_cpu_s"] = round(server_cpu, 1)
     return result
+
+
+@contextlib.contextmanager
+def peak_site(into: dict[str, Any]) -> Iterator[None]:
+    """Sample this process's RSS every 0.2 s; note the peak and the geoseg functions the main
+    thread was in then (innermost first)."""
+    import threading
+
+    main, stop, proc = threading.main_thread().ident, threading.Event(), psutil.Process()
+
+    def sample() -> None:
+        while not stop.wait(0.2):
+            rss = proc.memory_info().rss
+            if rss > into.get("bytes", 0):
+                frame, site = sys._current_frames().get(main), []
+                while frame is not None:
+                    if "/geoseg/" in frame.f_code.co_filename:
+                        site.append(frame.f_code.co_name)
+                    frame = frame.f_back
+                into.update(bytes=rss, gib=round(rss / 2**30, 2), at=" < ".join(site[:4]))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 # -- phase 2: pgstac, the API and the plan -----------------------------------------------------
@@ -478,32 +513,121 @@ def stac_api(dsn: str, work: Path) -> Iterator[tuple[str, int]]:
         proc.wait(30)
 
 
-def plan_phase(work: Path, stac_url: str, region: str) -> dict[str, Any]:
-    """`plan_build` for the whole state, with the paging through the API timed on its own."""
+def catalog_items(work: Path, intersects: dict[str, Any]) -> tuple[list, list]:
+    """What a full search returns, read from the catalog files: every item intersecting
+    `intersects`, parsed and sorted by id as `find_inputs` does."""
+    import shapely
+
+    from geoseg.stac.items import parse_imagery, parse_pointcloud
+
+    area = shapely.geometry.shape(intersects)
+    shapely.prepare(area)
+    found = []
+    for name, parse in (("naip", parse_imagery), ("3dep-lidar-copc", parse_pointcloud)):
+        with open(work / "catalog" / f"{name}.ndjson") as f:  # 2.2 GB of JSON: line by line
+            items = (json.loads(line) for line in f)
+            kept = [
+                parse(i)
+                for i in items
+                if shapely.intersects(area, shapely.geometry.shape(i["geometry"]))
+            ]
+        found.append(sorted(kept, key=lambda i: i.id))
+    return found[0], found[1]
+
+
+def sampled_paging(stac_url: str, intersects: dict[str, Any], pages: int) -> dict[str, Any]:
+    """`find_inputs` through the API with each of its searches stopped after `pages` pages:
+    the paging rate with its real strips and threads, when paging everything takes hours."""
+    import geoseg.stac.client as client
+
+    search_items, fetched, waits = client.search_items, [], {"first": [], "later": []}
+
+    def first_pages(*a: Any, **k: Any) -> Iterator[dict[str, Any]]:
+        n, t = 0, time.perf_counter()
+        for item in itertools.islice(search_items(*a, **k), pages * client.PAGE_SIZE):
+            if n % client.PAGE_SIZE == 0:  # a page arrived: how long it took (4 threads share)
+                waits["later" if n else "first"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+            n += 1
+            yield item
+        fetched.append(n)
+
+    client.search_items = first_pages
+    t, c = time.perf_counter(), _cpu_s()
+    try:
+        imagery, lidar = client.find_inputs(stac_url, intersects, None)
+    finally:
+        client.search_items = search_items
+    seconds = time.perf_counter() - t
+    count = sum(-(-n // client.PAGE_SIZE) for n in fetched)
+    return {
+        "pages_per_search": pages,
+        "searches": len(fetched),
+        "pages": count,
+        "items": sum(fetched),
+        "seconds": round(seconds, 1),
+        "cpu_s": round(_cpu_s() - c, 1),
+        "pages_per_s": round(count / seconds, 3),
+        "median_page_s": {k: round(float(np.median(v)), 1) for k, v in waits.items() if v},
+        "sample": imagery + lidar,
+    }
+
+
+def full_search_pages(intersects: dict[str, Any], imagery: list, lidar: list) -> int:
+    """Pages `find_inputs` fetches for these items: each strip's search, per collection."""
+    import shapely
+
+    from geoseg.stac.client import PAGE_SIZE, search_parts
+
+    pages = 0
+    for part in search_parts(intersects):
+        area = shapely.geometry.shape(part)
+        shapely.prepare(area)
+        for items in (imagery, lidar):
+            feet = shapely.from_wkt([i.footprint_wkt for i in items])
+            pages += -(-int(shapely.intersects(area, feet).sum()) // PAGE_SIZE)
+    return pages
+
+
+def plan_phase(work: Path, stac_url: str, region: str, max_pages: int) -> dict[str, Any]:
+    """`plan_build` for the whole state, with the paging through the API timed on its own.
+
+    With `max_pages`, each search pages that far only (its rate is measured, the time of all
+    pages extrapolated from it) and the plan is made from the same items read from the catalog
+    files; the sampled items are checked to equal the catalog's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     import geoseg.builder.runner as runner
 
-    paging: dict[str, float] = {}
+    paging: dict[str, Any] = {}
     find_inputs = runner.find_inputs
 
-    def timed_find_inputs(*a: Any, **k: Any) -> Any:
+    def timed_find_inputs(url: str, intersects: dict[str, Any], *a: Any, **k: Any) -> Any:
+        if max_pages:
+            paging["sampled"] = sampled_paging(url, intersects, max_pages)
         t, c = time.perf_counter(), _cpu_s()
-        imagery, lidar = find_inputs(*a, **k)
+        if max_pages:
+            imagery, lidar = catalog_items(work, intersects)
+        else:
+            imagery, lidar = find_inputs(url, intersects, *a, **k)
         paging.update(
             seconds=time.perf_counter() - t,
             cpu_s=_cpu_s() - c,
             rss_gib=_rss_gib(),
             items=len(imagery) + len(lidar),
         )
+        if max_pages:
+            paging["found"] = (intersects, imagery, lidar)
         return imagery, lidar
 
     runner.find_inputs = timed_find_inputs
     cfg = runner.BuildConfig(out=str(work / "out"), region=region, stac_url=stac_url, signer="none")
-    t0 = time.perf_counter()
-    _, _, planned, search = runner.plan_build(cfg)
+    t0, peak = time.perf_counter(), {}
+    with peak_site(peak):
+        _, _, planned, search = runner.plan_build(cfg)
     seconds = time.perf_counter() - t0
+    peak.pop("bytes", None)
     runnable = [p for p in planned if p.skip_reason is None]
     skipped: dict[str, int] = {}
     for p in planned:
@@ -528,16 +652,37 @@ def plan_phase(work: Path, stac_url: str, region: str) -> dict[str, Any]:
         {"crs_wkts": json.dumps(list(wkts)), "search": json.dumps(search)}
     )
     pq.write_table(table, work / "planned.parquet")
+    counts = {
+        "plan_peak_rss": peak,
+        "items": {"naip": search["imagery_items"], "3dep-lidar-copc": search["lidar_items"]},
+        "planned_tiles": len(planned),
+        "tiles": len(runnable),
+        "skipped": skipped,
+    }
+    if max_pages:  # planning = all pages at the sampled rate + the plan made from the items
+        sampled = paging["sampled"]
+        intersects, imagery, lidar = paging.pop("found")
+        catalog = {i.id: i for i in (*imagery, *lidar)}
+        sample = sampled.pop("sample")
+        sampled["unique_items"] = len(sample)  # items on a strip edge are fetched twice
+        sampled["unique_items_equal_to_catalog"] = sum(catalog.get(i.id) == i for i in sample)
+        sampled["all_pages"] = full_search_pages(intersects, imagery, lidar)
+        sampled["all_pages_s"] = round(sampled["all_pages"] / sampled["pages_per_s"], 1)
+        return {
+            "seconds": round(sampled["all_pages_s"] + seconds - paging["seconds"], 1),
+            "paging_s": sampled["all_pages_s"],
+            "paging_sampled": sampled,
+            "catalog_read_s": round(paging["seconds"], 1),
+            "plan_without_paging_s": round(seconds - paging["seconds"], 1),
+            **counts,
+        }
     return {
         "seconds": round(seconds, 1),
         "paging_s": round(paging["seconds"], 1),
         "paging_cpu_s": round(paging["cpu_s"], 1),
         "paging_rss_gib": round(paging["rss_gib"], 2),
-        "items": {"naip": search["imagery_items"], "3dep-lidar-copc": search["lidar_items"]},
         "pages_of_1000": search["imagery_items"] // 1000 + search["lidar_items"] // 1000 + 2,
-        "planned_tiles": len(planned),
-        "tiles": len(runnable),
-        "skipped": skipped,
+        **counts,
     }
 
 
@@ -683,7 +828,10 @@ def outputs_phase(work: Path, region: str) -> dict[str, Any]:
     ):
         shutil.copytree(template_dir, out / "tiles" / tile_id)
     del ids
-    write_outputs(out, rows, cfg, resolve_region(region), summary, search, t0)
+    before, peak = psutil.Process().memory_info().rss / 2**30, {}
+    with peak_site(peak):
+        write_outputs(out, rows, cfg, resolve_region(region), summary, search, t0)
+    peak.pop("bytes", None)
     seconds, cpu = time.perf_counter() - t0, _cpu_s() - c0
     files = {}
     for path in sorted(out.rglob("*")):
@@ -697,6 +845,8 @@ def outputs_phase(work: Path, region: str) -> dict[str, Any]:
         "fold_s": round(fold_s, 1),
         "fold_us_per_tile": round(fold_s / max(n, 1) * 1e6, 1),
         "rows_rss_gib": round(rss_rows, 2),
+        "rss_before_write_gib": round(before, 2),
+        "write_peak_rss": peak,
         "seconds": round(seconds, 1),
         "write_cpu_s": round(cpu, 1),
         "file_bytes": files,
@@ -737,7 +887,7 @@ def scan_phase(work: Path, tiles: int) -> dict[str, Any]:
                 write_item(folder, m)
         ready.write_text(json.dumps(tiles))
     ids = table.column("tile_id").slice(0, tiles).to_pylist()
-    (out / LEDGER).unlink(missing_ok=True)
+    shutil.rmtree(out / LEDGER, ignore_errors=True)
     timings = {}
     with (
         LocalCluster(
@@ -808,6 +958,12 @@ def main() -> None:
     parser.add_argument("--scan-tiles", type=int, default=200_000)
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--stac-url", help="plan against this API instead of starting pgstac")
+    parser.add_argument(
+        "--max-pages",
+        type=int,
+        default=0,
+        help="page each search this far only, extrapolate, plan from the catalog files",
+    )
     parser.add_argument("--region", default="CA", help="a county, for a quick trial run")
     parser.add_argument("--max-rss-gib", type=float, default=6.0, help="kill a phase above this")
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase here
@@ -817,7 +973,7 @@ def main() -> None:
     if args.phase:
         run = {
             "catalog": lambda: write_catalog(args.work),
-            "plan": lambda: plan_phase(args.work, args.stac_url, args.region),
+            "plan": lambda: plan_phase(args.work, args.stac_url, args.region, args.max_pages),
             "outputs": lambda: outputs_phase(args.work, args.region),
             "scan": lambda: scan_phase(args.work, args.scan_tiles),
         }[args.phase]

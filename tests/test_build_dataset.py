@@ -20,7 +20,15 @@ import pytest
 import rasterio
 from rio_cogeo.cogeo import cog_validate
 
-from geoseg.builder.ledger import LEDGER, TileRows, check_ledgered, read_ledger, scan_finished
+import geoseg.builder.ledger as ledger_module
+from geoseg.builder.ledger import (
+    LEDGER,
+    TileRows,
+    check_ledgered,
+    read_ledger,
+    scan_finished,
+    write_ledger,
+)
 from geoseg.builder.tile import FILES, MANIFEST
 from geoseg.classes import CLASS_NAMES
 from tests.utils import GEOSEG, checksums, geoseg
@@ -40,7 +48,7 @@ def test_sample_build_writes_the_full_tile_set(sample_build: Path):
     for name in (
         "collection.json",
         "index.parquet",
-        "ledger.parquet",
+        "ledger/part-0000.parquet",
         "tiles.vrt",
         "footprints/part-0000.fgb",
         "stats.json",
@@ -187,9 +195,9 @@ def test_rerun_skips_finished_tiles_and_rewrites_identical_metadata(
 
 
 def test_the_ledger_stands_for_the_manifests_until_a_tile_changes(
-    sample_build: Path, tmp_path: Path
+    sample_build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """A resume trusts `ledger.parquet` (a few stat calls per tile) instead of reading 1.6 M
+    """A resume trusts the ledger (a few stat calls per tile) instead of reading 1.6 M
     manifests: its rows must be what the manifests give, and any change to a tile's files must
     send that tile back to its manifest."""
     out = tmp_path / "copy"
@@ -212,7 +220,11 @@ def test_the_ledger_stands_for_the_manifests_until_a_tile_changes(
         f.write(b"x")
     (third / f"{third.name}.json").unlink()  # the item
     assert still_valid().tolist() == [False] * 3 + [True] * (len(ids) - 3)
-    (out / LEDGER).write_bytes(b"not parquet")
+    monkeypatch.setattr(ledger_module, "LEDGER_PART_TILES", 3)  # 1.6 M tiles: 4 parts
+    write_ledger(out, ledger)
+    assert len(list((out / LEDGER).glob("part-*.parquet"))) == -(-len(ids) // 3)
+    assert read_ledger(out).to_table().equals(ledger.to_table())
+    (out / LEDGER / "part-0001.parquet").write_bytes(b"not parquet")
     assert read_ledger(out) is None  # a broken cache only costs a full scan
 
 

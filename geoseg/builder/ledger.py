@@ -36,7 +36,10 @@ BANDS = [(layer, i, name) for layer, names in STAT_BANDS.items() for i, name in 
 _PLAIN_ID = re.compile(r"[A-Za-z0-9_]+")
 _KEY_LISTS = ("crs_wkts", "asprs_codes", "file_names")
 """TileRows attributes that name columns or codes rather than hold one value per row."""
-LEDGER = "ledger.parquet"
+LEDGER = "ledger"
+"""Folder of the ledger's parts, `part-NNNN.parquet`."""
+LEDGER_PART_TILES = 400_000
+"""Rows per ledger part: ~130 B a tile, so a part stays near 50 MB (1.6 M tiles: 203 MB)."""
 
 
 @dataclass
@@ -253,18 +256,30 @@ def _tile_folders(out_dir: str, tile_ids: Sequence[str]) -> Iterator[tuple[str, 
 
 
 def write_ledger(out: Path, rows: TileRows) -> None:
-    """`ledger.parquet`: the rows of every finished tile, which the next resume reads instead
-    of re-reading 1.6 M manifests. A cache: without it a resume reads the manifests."""
+    """`ledger/part-NNNN.parquet`: the rows of every finished tile, which the next resume reads
+    instead of re-reading 1.6 M manifests. A cache: without it a resume reads the manifests.
+
+    The old parts go first: a build killed while writing leaves the first parts only, and a
+    resume reads the manifests of the tiles they lack."""
+    import shutil
+
     from geoseg.builder.writers import atomic_path
 
-    with atomic_path(out / LEDGER) as tmp:
-        pq.write_table(rows.to_table(), tmp, compression="zstd")
+    folder = out / LEDGER
+    shutil.rmtree(folder, ignore_errors=True)
+    table = rows.to_table()
+    for k, start in enumerate(range(0, max(len(table), 1), LEDGER_PART_TILES)):
+        with atomic_path(folder / f"part-{k:04d}.parquet") as tmp:
+            pq.write_table(table.slice(start, LEDGER_PART_TILES), tmp, compression="zstd")
 
 
 def read_ledger(out: Path) -> TileRows | None:
     """The ledger of an earlier build in `out`, or None (none, or unreadable: then rescan)."""
+    parts = sorted((out / LEDGER).glob("part-*.parquet"))
+    if not parts:
+        return None
     try:
-        return TileRows.from_table(pq.read_table(out / LEDGER))
+        return TileRows.from_table(pa.concat_tables([pq.read_table(p) for p in parts]))
     except (OSError, ValueError, KeyError, pa.ArrowException):
         return None
 
