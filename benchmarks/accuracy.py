@@ -155,8 +155,9 @@ ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}
 
 
 def run_once(cfg: dict[str, Any], data: Path, out: Path, nice: int = 5) -> dict[str, Any]:
-    """Train (nice), evaluate the best checkpoint (val mIoU) and `last` on test (the sample's val
-    split has no tile of the test site, so the two can differ); scores (val: the best
+    """Train (nice), evaluate the best checkpoint (val mIoU) and `last` on test, once when they
+    are the same step (the sample's val split has no tile of the test site, so the two can
+    differ); scores (val: the best
     checkpoint's, from the model card), CPU time and the machine's load (1-min load average at
     the end of training)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -172,15 +173,17 @@ def run_once(cfg: dict[str, Any], data: Path, out: Path, nice: int = 5) -> dict[
     load = os.getloadavg()[0]
     best = next((out / "run" / "checkpoints").glob("best-*.ckpt"))
     last = out / "run" / "checkpoints" / "last.ckpt"
+    card = json.loads((out / "run" / "model_card.json").read_text())
+    same = best.stem == f"best-step={card['training']['steps']}"  # best is the last state
     scores = {}
-    for key, ckpt in (("test", best), ("test_last", last)):
+    for key, ckpt in (("test", best),) if same else (("test", best), ("test_last", last)):
         subprocess.run(
             ["nice", "-n", str(nice), *GEOSEG, "evaluate", "--checkpoint", str(ckpt), "--data",
              str(data), "--split", "test", "--out", str(out / f"eval-{key}")],
             check=True, capture_output=True, env=ONE_THREAD,
         )  # fmt: skip
         scores[key] = _scores(json.loads((out / f"eval-{key}" / "metrics.json").read_text()))
-    card = json.loads((out / "run" / "model_card.json").read_text())
+    scores.setdefault("test_last", scores["test"])
     return {
         "checkpoint": best.name,
         "steps": card["training"]["steps"],
@@ -330,7 +333,7 @@ def budgeted(cfg: dict[str, Any], per_step: float, budget: float) -> None:
     decay = cfg["optim"]["gamma"] ** cfg["trainer"]["max_epochs"]
     cfg["data"]["epoch_tiles"] = max(1, steps * cfg["data"]["batch_size"] // EPOCHS)
     cfg["optim"]["gamma"] = decay ** (1 / EPOCHS)
-    cfg["trainer"] |= {"max_epochs": EPOCHS, "max_steps": -1, "check_val_every_n_epoch": 2}
+    cfg["trainer"] |= {"max_epochs": EPOCHS, "max_steps": -1, "check_val_every_n_epoch": 5}
 
 
 def main() -> None:
