@@ -388,7 +388,8 @@ def main() -> None:
                 budgeted(cfg, calibration[name], args.budget)
             steps = cfg["data"]["epoch_tiles"] * cfg["trainer"]["max_epochs"]
             print(f"{name} seed {seed}: {steps // cfg['data']['batch_size']} steps", flush=True)
-            run = run_once(cfg, args.data, args.work / name / f"seed{seed}", args.nice)
+            work = args.work / "as-configured" if args.as_configured else args.work
+            run = run_once(cfg, args.data, work / name / f"seed{seed}", args.nice)
             results = save_run(args.results, results, name, seed, run)
     if results.get("summary"):
         print(table(results))
