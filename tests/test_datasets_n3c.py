@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import laspy
 import lightning as L
 import numpy as np
 import pandas as pd
@@ -37,6 +39,7 @@ from geoseg.datasets.points import (
     pixels_to_points,
     points_to_pixels,
     prepare_points,
+    read_points,
     sample_fixed,
     select_points,
 )
@@ -405,3 +408,24 @@ def test_bad_inputs(sample_build: Path, tmp_path: Path) -> None:
     shutil.copy(sample_build / "stats.json", tmp_path)
     with pytest.raises(ValueError, match="divisible by 2\\^levels = 128"):
         N3CCalifornia(tmp_path, "train", point_config=PointConfig(num_points=2**20, levels=7))
+
+
+def _count_points(path: Path, out: multiprocessing.Queue) -> None:
+    out.put(len(read_points(path)["x"]))
+
+
+def test_forked_loader_worker_reads_points_after_the_parent_did(train: N3CCalifornia) -> None:
+    """A training run forks its DataLoader workers after the parent has read LAZ (statistics,
+    sanity checks, earlier runs in one process): with lazrs's parallel backend the child hung
+    for ever in `read_n_points` (seen in the full suite as a stuck `geoseg train`)."""
+    path = train.folders[0] / "points.laz"
+    expected = len(laspy.read(path, laz_backend=laspy.LazBackend.LazrsParallel).points)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_count_points, args=(path, out))
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    child.kill()
+    assert not hung, "a forked worker hung reading points.laz"
+    assert out.get(timeout=5) == expected

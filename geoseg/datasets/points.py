@@ -37,8 +37,12 @@ POINT_FIELDS = ("x", "y", "z", *POINT_FEATURES, "classification")
 
 def read_points(path: str | Path) -> dict[str, np.ndarray]:
     """A tile's `points.laz` as the `POINT_FIELDS` arrays and its extra dimensions (e.g.
-    `label`, `intensity_c1`), x/y/z as float64 map coordinates."""
-    las = laspy.read(path)
+    `label`, `intensity_c1`), x/y/z as float64 map coordinates.
+
+    Decompresses on the calling thread: the DataLoader's forked workers already read in
+    parallel, and lazrs's parallel backend hangs in a forked child once the parent has used it
+    (its thread pool does not survive the fork)."""
+    las = laspy.read(path, laz_backend=laspy.LazBackend.Lazrs)
     names = (*POINT_FIELDS, *las.point_format.extra_dimension_names)
     return {name: np.asarray(las[name]) for name in names}
 
