@@ -265,39 +265,44 @@ def _pm(stat: dict[str, float] | None, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
-def table(results: dict[str, Any]) -> str:
-    """Markdown table of the test split (best checkpoint; mIoU of `last` beside): pixels, then
-    points; chance row first."""
+def table(results: dict[str, Any], kind: str = "pixels", key: str = "test") -> str:
+    """Markdown table of the test split's `kind` scores ("pixels" or "points") of one checkpoint
+    per run: `test`, the best by val mIoU (with `last`'s test mIoU and the selection's val mIoU
+    beside), or `test_last`; chance row first, variants without `kind` scores left out."""
     classes = ("others", "ground", "tree", "building")
-    head = (
-        "| variant | seeds | mIoU | mIoU (last) | OA | kappa | "
-        + " | ".join(f"IoU {c}" for c in classes)
-        + " | points mIoU | points OA | train CPU s | steps |"
-    )
-    lines = [head, "|---|---:|" + "---:|" * (4 + len(classes) + 4)]
-    chance = results["chance"]
-    px, pt = chance["pixels"], chance["points"]
+    extra = ("mIoU (last)", "val mIoU") if key == "test" else ()
+    head = ("variant", "seeds", "mIoU", *extra, "OA", "kappa", *(f"IoU {c}" for c in classes),
+            "train CPU s", "steps")  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
 
     def fmt(v: float | None) -> str:
         return "n/a" if v is None or v != v else f"{v:.3f}"
 
-    lines.append(
-        f"| constant map ({px['predicts']}) | – | {fmt(px['miou'])} | – | {fmt(px['oa'])} | "
-        f"{fmt(px['kappa'])} | " + " | ".join(fmt(px.get(f"iou/{c}")) for c in classes)
-        + f" | {fmt(pt['miou'])} | {fmt(pt['oa'])} | 0 | 0 |"
-    )  # fmt: skip
+    chance = results["chance"][kind]
+    cells = [f"constant map ({chance['predicts']})", "–", fmt(chance["miou"]),
+             *("–" for _ in extra), fmt(chance["oa"]), fmt(chance["kappa"]),
+             *(fmt(chance.get(f"iou/{c}")) for c in classes), "0", "0"]  # fmt: skip
+    lines.append("| " + " | ".join(cells) + " |")
     for name, summary in results["summary"].items():
-        test = summary["test"]
-        pix, pts = test["pixels"], test.get("points") or {}
-        last = summary.get("test_last", {}).get("pixels", {}).get("miou")
-        lines.append(
-            f"| {name} | {summary['seeds']} | {_pm(pix.get('miou'))} | {_pm(last)} | "
-            f"{_pm(pix.get('oa'))} | {_pm(pix.get('kappa'))} | "
-            + " | ".join(_pm(pix.get(f"iou/{c}")) for c in classes)
-            + f" | {_pm(pts.get('miou'))} | {_pm(pts.get('oa'))} | "
-            f"{_pm(summary['train_cpu_s'], 0)} | {_pm(summary['steps'], 0)} |"
-        )  # fmt: skip
+        scores = summary.get(key, {}).get(kind)
+        if not scores:
+            continue
+        beside = [summary.get(k, {}).get(kind, {}).get("miou") for k in ("test_last", "val")]
+        cells = [name, str(summary["seeds"]), _pm(scores.get("miou")),
+                 *(_pm(v) for v in beside[: len(extra)]), _pm(scores.get("oa")),
+                 _pm(scores.get("kappa")), *(_pm(scores.get(f"iou/{c}")) for c in classes),
+                 _pm(summary["train_cpu_s"], 0), _pm(summary["steps"], 0)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def tables(results: dict[str, Any]) -> str:
+    """`table` of pixels and points, best checkpoint and `last`, each under a title line."""
+    parts = []
+    for kind in ("pixels", "points"):
+        for key, which in (("test", "best checkpoint by val mIoU"), ("test_last", "`last`")):
+            parts.append(f"Test {kind}, {which}:\n\n{table(results, kind, key)}")
+    return "\n\n".join(parts)
 
 
 def save_run(
@@ -353,9 +358,16 @@ def main() -> None:
         "--as-configured", action="store_true",
         help="the base config's own schedule, no budget (default variant: ikdnet)",
     )  # fmt: skip
+    parser.add_argument(
+        "--table", action="store_true",
+        help="print the tables of the results file and stop (no build, no training)",
+    )  # fmt: skip
     args = parser.parse_args()
     args.only = args.only or (["ikdnet"] if args.as_configured else sorted(VARIANTS))
     args.results = args.results or (SAMPLE_RESULTS if args.as_configured else RESULTS)
+    if args.table:
+        print(tables(json.loads(args.results.read_text())))
+        return
 
     if not (args.data / "stats.json").is_file():
         subprocess.run([*GEOSEG, "build-dataset", "--catalog", "sample", "--out", str(args.data),
@@ -392,7 +404,7 @@ def main() -> None:
             run = run_once(cfg, args.data, work / name / f"seed{seed}", args.nice)
             results = save_run(args.results, results, name, seed, run)
     if results.get("summary"):
-        print(table(results))
+        print(tables(results))
 
 
 if __name__ == "__main__":
