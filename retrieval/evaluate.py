@@ -29,6 +29,7 @@ from geoseg.builder.writers import write_bytes_atomic, write_json
 from geoseg.device import AUTO, resolve_device
 from retrieval.data import TileInfo, load_tiles, tile_rgb
 from retrieval.index import embed_tile_batch, make_faiss, open_embedder
+from retrieval.negation import embed_search_queries
 from retrieval.queries import (
     EVAL_QUERIES,
     HIT_KS,
@@ -133,7 +134,7 @@ def evaluate_retrieval(
         embedder = open_embedder(ref, device=device)
         vectors = embed_pool(embedder, data, tiles, batch_size)
         with torch.inference_mode():
-            qvec = embedder.embed_queries(texts).float().cpu().numpy()
+            qvec = embed_search_queries(embedder, texts).float().cpu().numpy()
         for pool in POOLS:
             mask = pool_mask(tiles, pool)
             rel, pool_tiles = relevant[:, mask], [t for t, m in zip(tiles, mask, strict=True) if m]

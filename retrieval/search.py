@@ -20,6 +20,7 @@ from geoseg.device import AUTO, resolve_device
 from geoseg.plot import plot_thumbnails
 from retrieval.data import read_rgb, tile_rgb
 from retrieval.index import Filters, SearchIndexError, TileIndex, open_embedder
+from retrieval.negation import embed_search_queries
 from retrieval.rerank import RERANK_TOP, load_reranker, rerank_order
 
 
@@ -79,7 +80,7 @@ def search(
         index.check_model(embedder.fingerprint)
         with torch.inference_mode():
             if query.text is not None:
-                vector = embedder.embed_queries([query.text.strip()])[0]
+                vector = embed_search_queries(embedder, [query.text.strip()])[0]
             else:
                 vector = embedder.embed_tiles(read_rgb(Path(query.image))[None].to(device))[0]
         vector = vector.float().cpu().numpy()

@@ -9,12 +9,15 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from retrieval.captions import N3C
 from retrieval.data import TileInfo
+from retrieval.negation import embed_search_queries, split_negation
 from retrieval.queries import (
     DEV_QUERIES,
     EVAL_QUERIES,
+    QUERY_DIR,
     Rule,
     bootstrap_ci,
     load_queries,
@@ -72,6 +75,7 @@ def grammar_phrases() -> list[str]:
 def test_query_files_parse_and_are_disjoint():
     evaluation, dev = load_queries(EVAL_QUERIES), load_queries(DEV_QUERIES)
     assert len(evaluation) >= 25 and len(dev) >= 8
+    dev += [q for path in sorted(QUERY_DIR.glob("dev?*.yaml")) for q in load_queries(path)]
     assert not {q.text for q in evaluation} & {q.text for q in dev}
 
 
@@ -139,3 +143,46 @@ def test_bootstrap_interval_covers_the_mean_and_is_seeded():
     lo, hi = bootstrap_ci(values, seed=3)
     assert lo < values.mean() < hi and (lo, hi) == bootstrap_ci(values, seed=3)
     assert bootstrap_ci([0.5] * 5) == (0.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("text", "asked", "negated"),
+    [
+        ("no trees at all", "", ("trees",)),
+        ("forest with no houses", "forest", ("houses",)),
+        ("fields without any trees", "fields", ("trees",)),
+        ("open land, not forest", "open land", ("forest",)),
+        ("land free of trees", "land", ("trees",)),
+        ("treeless plain", "plain", ("tree",)),
+        ("dense woods", "dense woods", ()),
+        ("endless fields", "endless fields", ()),
+        ("snow-covered ground", "snow-covered ground", ()),
+    ],
+)
+def test_negation_is_split_from_what_a_query_asks(text, asked, negated):
+    assert split_negation(text) == (asked, negated)
+
+
+class BagOfWords:
+    """A text tower that reads words and ignores their order, as MiniLM reads "no trees"."""
+
+    WORDS = ("no", "trees", "fields", "houses", "forest", "with")
+
+    def embed_queries(self, texts: list[str]) -> torch.Tensor:
+        counts = [[t.split().count(w) + 1e-3 for w in self.WORDS] for t in texts]
+        return torch.nn.functional.normalize(torch.tensor(counts), dim=-1)
+
+
+def test_a_negated_query_ranks_what_it_negates_last():
+    model = BagOfWords()
+    tiles = model.embed_queries(["trees", "fields", "forest houses", "forest"])
+
+    def ranking(vectors: torch.Tensor) -> list[int]:
+        return (tiles @ vectors[0]).argsort(descending=True).tolist()
+
+    assert ranking(model.embed_queries(["no trees"]))[0] == 0  # the failure being fixed
+    assert ranking(embed_search_queries(model, ["no trees"]))[-1] == 0
+    assert ranking(model.embed_queries(["forest with no houses"]))[0] == 2
+    assert ranking(embed_search_queries(model, ["forest with no houses"]))[0] == 3
+    plain = embed_search_queries(model, ["fields", "no trees"])[0]
+    assert torch.allclose(plain, model.embed_queries(["fields"])[0])
