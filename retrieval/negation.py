@@ -19,17 +19,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _CUE = re.compile(
-    r"\b(?:no|not|without|nothing|free of|lacking)\s+(?:any\s+)?"
-    r"(?P<negated>[^,;]*?)(?:\s+at all)?\s*(?=$|[,;]|\s(?:and|but|or)\b)"
+    r"\b(?:no|not|without|nothing|free (?:of|from)|devoid of|lacking)\s+(?:any\s+)?"
+    r"(?P<negated>[^,;]*?)(?:\s+at all)?\s*(?=$|[,;]|\s(?:and|but)\b)",
+    re.IGNORECASE,
 )
-"""A negation cue and the phrase it governs, up to punctuation, a conjunction or the end."""
-_PRIVATIVE = re.compile(r"\b(?P<negated>\w{3,})less\b")
+"""A negation cue and the phrase it governs, up to punctuation, "and"/"but" or the end; "or"
+continues it ("no trees or houses" negates both)."""
+_OR = re.compile(r"\s+(?:or|nor)\s+", re.IGNORECASE)
+_PRIVATIVE = re.compile(r"\b(?P<negated>\w{3,})less\b", re.IGNORECASE)
 """'treeless', 'roofless': the stem is negated."""
 _NOT_PRIVATIVE = frozenset(
     {"regardless", "nevertheless", "endless", "countless", "timeless", "seamless", "useless"}
 )
 _DANGLING = re.compile(
-    r"^[\s,;]*(?:(?:with|and|but|or)\b[\s,;]*)*|[\s,;]*(?:\b(?:with|and|but|or)[\s,;]*)*$"
+    r"^[\s,;]*(?:(?:with|and|but|or)\b[\s,;]*)*|[\s,;]*(?:\b(?:with|and|but|or)[\s,;]*)*$",
+    re.IGNORECASE,
 )
 """Joining words left at either end once the negated phrases are cut out ("forest with")."""
 
@@ -47,7 +51,7 @@ def split_negation(text: str) -> tuple[str, tuple[str, ...]]:
     def cut(match: re.Match[str]) -> str:
         if match[0].lower() in _NOT_PRIVATIVE:
             return match[0]
-        negated.append(match["negated"].strip())
+        negated.extend(_OR.split(match["negated"].strip()))
         return " "
 
     rest = _PRIVATIVE.sub(cut, _CUE.sub(cut, text))
