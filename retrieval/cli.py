@@ -99,6 +99,12 @@ def _embedder_ref(model: str) -> str:
     help="IVF lists probed per query [the index's]: more = better recall, slower. "
     "Exact (small) indexes ignore it.",
 )
+@click.option(
+    "--rescore",
+    type=click.IntRange(min=0),
+    help="Re-order a text query's top N hits by their tiles' best-matching document phrase "
+    "(0 = off) [docs/retrieval.md's default].",
+)
 @click.option("--rerank", is_flag=True, help="Rerank the top 5 with the run's reranker.")
 @click.option("--reranker", type=click.Path(path_type=Path), help="Reranker folder [run's].")
 @click.option("--model", help="Embedder to embed the query [the index's].")
@@ -120,6 +126,7 @@ def search_cmd(
     split: str | None,
     year: int | None,
     probes: int | None,
+    rescore: int | None,
     rerank: bool,
     reranker: Path | None,
     model: str | None,
@@ -153,6 +160,7 @@ def search_cmd(
             model=_embedder_ref(model) if model else None,
             reranker=reranker if rerank else None,
             device=device,
+            **({} if rescore is None else {"rescore": rescore}),
         )
     except _bad_input_errors() as exc:
         _fail(first_line(exc), EXIT_BAD_INPUT)

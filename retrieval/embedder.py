@@ -16,7 +16,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,15 +179,20 @@ class TileEmbedder(nn.Module):
         """(dim,) vector of a tile document: each facet is the mean of its phrases' text
         embeddings (`embed_texts`, cached: phrases repeat across tiles), normalised; the
         document is the weighted sum of its facets, normalised."""
-        new = list({p for _, phrases in document for p in phrases} - self._phrases.keys())
-        for i in range(0, len(new), 64):
-            chunk = new[i : i + 64]
-            self._phrases |= dict(zip(chunk, self.embed_texts(chunk).float().cpu(), strict=True))
         facets = [
-            weight * F.normalize(torch.stack([self._phrases[p] for p in phrases]).mean(0), dim=0)
+            weight * F.normalize(self.phrase_vectors(phrases).mean(0), dim=0)
             for weight, phrases in document
         ]
         return F.normalize(torch.stack(facets).sum(0), dim=0)
+
+    @torch.no_grad()
+    def phrase_vectors(self, phrases: Sequence[str]) -> Tensor:
+        """(P, dim) CPU float32 `embed_texts` vectors of document phrases, cached by phrase."""
+        new = list(dict.fromkeys(p for p in phrases if p not in self._phrases))
+        for i in range(0, len(new), 64):
+            chunk = new[i : i + 64]
+            self._phrases |= dict(zip(chunk, self.embed_texts(chunk).float().cpu(), strict=True))
+        return torch.stack([self._phrases[p] for p in phrases])
 
     def tile_features(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> (B, tokens, C) frozen visual features, for training

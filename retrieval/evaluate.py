@@ -12,8 +12,10 @@ the same dominant class, against the chance of drawing one (its class's share of
 the pool), overall and per class.
 
 Models are embedder folders, `train-retrieval` runs (with a reranker: a second row, its top 5
-reranked) or `open_clip:ARCH:PRETRAINED` (a zero-shot baseline). Tiles are read, embedded and
-dropped batch by batch; rankings come from faiss (top 10, O(n·k) memory, no n×n matrix).
+reranked) or `open_clip:ARCH:PRETRAINED` (a zero-shot baseline); a model that fuses tile
+documents gets a row with its top `RESCORE_TOP` re-scored by document phrase
+(`retrieval.rescore`). Tiles are read, embedded and dropped batch by batch; rankings come from
+faiss (top k, O(n·k) memory, no n×n matrix).
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ import torch
 from geoseg.builder.writers import write_bytes_atomic, write_json
 from geoseg.device import AUTO, resolve_device
 from retrieval.data import TileInfo, load_tiles, tile_rgb
-from retrieval.index import embed_tile_batch, make_faiss, open_embedder
+from retrieval.index import (
+    embed_tile_batch,
+    make_faiss,
+    open_embedder,
+    tile_document,
+    uses_documents,
+)
 from retrieval.negation import embed_search_queries
 from retrieval.queries import (
     EVAL_QUERIES,
@@ -40,9 +48,13 @@ from retrieval.queries import (
     summarise,
 )
 from retrieval.rerank import RERANK_TOP, load_reranker, rerank_order
+from retrieval.rescore import RESCORE_TOP, rescore_order
 
 POOLS = ("index", "unseen")
 LIKE_K = 10
+PLAIN = {"reranker": False, "rescored": False}
+"""Row flags: the faiss ranking as is (a reranker row reorders its top 5, a re-scored row its
+top `RESCORE_TOP`)."""
 
 
 def pool_mask(tiles: Sequence[TileInfo], pool: str) -> np.ndarray:
@@ -141,11 +153,18 @@ def evaluate_retrieval(
             ranked = top_ranked(vectors[mask], qvec, PRECISION_K)
             base = {"model": str(model), "pool": pool, "tiles": int(mask.sum())}
             base["visual_tokens"] = int(embedder.visual_tokens())
-            rows.append(base | {"reranker": False} | _text_rows(specs, ranked, rel, seed))
+            rows.append(base | PLAIN | _text_rows(specs, ranked, rel, seed))
             rows[-1]["like"] = like_metrics(vectors[mask], pool_tiles)
             if reranker_dir is not None:
                 reranked = _rerank(reranker_dir, texts, ranked, data, pool_tiles, device)
-                rows.append(base | {"reranker": True} | _text_rows(specs, reranked, rel, seed))
+                rows.append(
+                    base | PLAIN | {"reranker": True} | _text_rows(specs, reranked, rel, seed)
+                )
+            if uses_documents(embedder):
+                rescored = _rescore(embedder, qvec, vectors[mask], pool_tiles)
+                rows.append(
+                    base | PLAIN | {"rescored": True} | _text_rows(specs, rescored, rel, seed)
+                )
         del embedder
     summary = {
         "data": str(data),
@@ -198,10 +217,25 @@ def _chance_row(pool: str, rel: np.ndarray, seed: int) -> dict[str, Any]:
         "model": "random ranking (chance)",
         "pool": pool,
         "tiles": n,
-        "reranker": False,
+        **PLAIN,
         "answerable": len(rel),
         "summary": summarise(per_query, seed),
     }
+
+
+def _rescore(
+    embedder: Any, queries: np.ndarray, vectors: np.ndarray, pool: Sequence[TileInfo]
+) -> np.ndarray:
+    """Each query's faiss top `RESCORE_TOP` re-ordered by its tiles' best document phrase
+    (`retrieval.rescore`, as `geoseg search` does), top 10 kept."""
+    candidates = top_ranked(vectors, queries, RESCORE_TOP)
+    documents = [tile_document(t) for t in pool]
+    return np.stack(
+        [
+            rows[rescore_order(embedder, q, vectors[rows] @ q, [documents[i] for i in rows])]
+            for q, rows in zip(queries, candidates, strict=True)
+        ]
+    )[:, :PRECISION_K]
 
 
 def _rerank(
@@ -231,6 +265,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         name = r["model"] + (" + reranker top-5" if r["reranker"] else "")
+        name += f" + phrase re-scoring top-{RESCORE_TOP}" if r["rescored"] else ""
         cells = [name, f"{r['pool']} ({r['tiles']})", str(r["answerable"])]
         for k in keys:
             s = r["summary"][k]

@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import faiss
 import geopandas as gpd
@@ -39,6 +39,9 @@ from geoseg.builder.writers import atomic_path
 from geoseg.device import AUTO, resolve_device
 from geoseg.errors import first_line
 from retrieval.data import TileInfo, load_tiles, tile_rgb
+
+if TYPE_CHECKING:
+    from retrieval.embedder import Document
 
 META_FILE = "index.yaml"
 FAISS_FILE = "vectors.faiss"
@@ -71,6 +74,13 @@ def uses_documents(embedder: Any) -> bool:
     return bool(getattr(embedder, "document_weight", 0.0))
 
 
+def tile_document(tile: TileInfo) -> Document | None:
+    """The tile's document (`retrieval.captions.document`), None for a tile without labels."""
+    from retrieval.captions import document
+
+    return None if tile.dominant is None else document(tile)
+
+
 @torch.inference_mode()
 def embed_tile_batch(embedder: Any, data: Path, batch: Sequence[TileInfo]) -> np.ndarray:
     """(B, dim) float32 vectors of built tiles: the RGB image, fused with each tile's document
@@ -79,10 +89,7 @@ def embed_tile_batch(embedder: Any, data: Path, batch: Sequence[TileInfo]) -> np
     labels for) keeps its image vector. The one way index and evaluation embed a tile."""
     images = torch.stack([tile_rgb(data, t.tile_id) for t in batch])
     if uses_documents(embedder):
-        from retrieval.captions import document
-
-        documents = [None if t.dominant is None else document(t) for t in batch]
-        vectors = embedder.embed_tiles(images, documents=documents)
+        vectors = embedder.embed_tiles(images, documents=[tile_document(t) for t in batch])
     else:
         vectors = embedder.embed_tiles(images)
     return np.ascontiguousarray(vectors.float().cpu().numpy(), dtype=np.float32)
@@ -350,6 +357,29 @@ class TileIndex:
 
     def vector(self, tile_id: str) -> np.ndarray:
         return np.array(self.vectors[self.row(tile_id)])
+
+    def tile_info(self, row: int) -> TileInfo:
+        """The label facts of an indexed tile, read back from its metadata row (`metadata_frame`):
+        what its document (`retrieval.captions.document`) is written from."""
+        record = self.tiles.iloc[row]
+        classes = tuple(
+            c.removeprefix("frac_") for c in self.tiles.columns if c.startswith("frac_")
+        )
+        stats = {
+            k.removeprefix("stat_"): None if pd.isna(v) else float(v)
+            for k, v in record.items()
+            if k.startswith("stat_")
+        }
+        return TileInfo(
+            tile_id=record["tile_id"],
+            split=str(record["split"]),
+            bbox=(record["west"], record["south"], record["east"], record["north"]),
+            crs=record["crs"],
+            year=int(record["year"]),
+            class_fractions={c: float(record[f"frac_{c}"]) for c in classes},
+            stats=stats,
+            classes=classes,
+        )
 
     def search(
         self,

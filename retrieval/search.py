@@ -19,9 +19,17 @@ from geoseg.builder.writers import atomic_path
 from geoseg.device import AUTO, resolve_device
 from geoseg.plot import plot_thumbnails
 from retrieval.data import read_rgb, tile_rgb
-from retrieval.index import Filters, SearchIndexError, TileIndex, open_embedder
+from retrieval.index import (
+    Filters,
+    SearchIndexError,
+    TileIndex,
+    open_embedder,
+    tile_document,
+    uses_documents,
+)
 from retrieval.negation import embed_search_queries
 from retrieval.rerank import RERANK_TOP, load_reranker, rerank_order
+from retrieval.rescore import SEARCH_RESCORE, rescore_order
 
 
 @dataclass
@@ -62,16 +70,22 @@ def search(
     *,
     model: str | Path | None = None,
     reranker: str | Path | None = None,
+    rescore: int = SEARCH_RESCORE,
     device: str | torch.device = AUTO,
 ) -> list[Hit]:
-    """Top-k tiles for a query; with `reranker`, the top-5 are re-ordered by its scores."""
+    """Top-k tiles for a query; a text query's top max(k, `rescore`) are re-ordered by their best
+    document phrase (`retrieval.rescore`; 0 = off, image-only indexes have no documents); with
+    `reranker`, the top-5 are then re-ordered by its scores."""
     query.validate()
     device = resolve_device(device)
     if k < 1:
         raise SearchIndexError("k must be >= 1")
     if reranker is not None and query.text is None:
         raise SearchIndexError("reranking needs a text query")
+    if rescore < 0:
+        raise SearchIndexError("rescore must be >= 0")
     exclude: tuple[str, ...] = ()
+    rescoring = False
     if query.like is not None:
         vector = index.vector(query.like)
         exclude = (query.like,)
@@ -81,11 +95,17 @@ def search(
         with torch.inference_mode():
             if query.text is not None:
                 vector = embed_search_queries(embedder, [query.text.strip()])[0]
+                rescoring = rescore > 0 and uses_documents(embedder)
             else:
                 vector = embedder.embed_tiles(read_rgb(Path(query.image))[None].to(device))[0]
         vector = vector.float().cpu().numpy()
-    pairs = index.search(vector[None], k, query.filters, exclude=exclude)[0]
-    hits = [_hit(index, rank, row, score) for rank, (row, score) in enumerate(pairs, 1)]
+    depth = max(k, rescore) if rescoring else k
+    pairs = index.search(vector[None], depth, query.filters, exclude=exclude)[0]
+    if rescoring and pairs:
+        documents = [tile_document(index.tile_info(row)) for row, _ in pairs]
+        scores = np.array([score for _, score in pairs])
+        pairs = [pairs[i] for i in rescore_order(embedder, vector, scores, documents)]
+    hits = [_hit(index, rank, row, score) for rank, (row, score) in enumerate(pairs[:k], 1)]
     if reranker is not None and hits:
         hits = rerank(index, query.text or "", hits, reranker, device)
     return hits

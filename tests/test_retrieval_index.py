@@ -2,7 +2,7 @@
 
 Covers the round trip (stored vectors = the model's embeddings), metadata filters on the exact
 and the IVF path, resume after a crash, refusal of another model's index, GeoJSON/PNG outputs,
-the evaluation table and the CLI's one-line errors.
+the evaluation table, document-phrase re-scoring and the CLI's one-line errors.
 """
 
 from __future__ import annotations
@@ -24,7 +24,16 @@ from geoseg.cli import main
 from retrieval.data import load_tiles, tile_rgb
 from retrieval.embedder import TileEmbedder, create_embedder, load_embedder
 from retrieval.evaluate import evaluate_retrieval
-from retrieval.index import Filters, SearchIndexError, TileIndex, build_index, make_faiss
+from retrieval.index import (
+    Filters,
+    SearchIndexError,
+    TileIndex,
+    build_index,
+    make_faiss,
+    tile_document,
+)
+from retrieval.negation import embed_search_queries
+from retrieval.rescore import RESCORE_TOP, rescore_order
 from retrieval.search import Query, search, write_geojson, write_thumbnails
 
 TINY = {
@@ -284,6 +293,7 @@ def test_evaluate_retrieval_table(build: Path, model: Path, tmp_path: Path):
     rows = evaluate_retrieval(build, [model], tmp_path / "eval")
     chance = [r for r in rows if r["model"].startswith("random")]
     mine = [r for r in rows if r["model"] == str(model)]
+    assert len(mine) == 2  # no re-scored rows: an image-only model has no documents
     assert [r["pool"] for r in chance] == [r["pool"] for r in mine] == ["index", "unseen"]
     tiles = load_tiles(build)
     assert mine[0]["tiles"] == len(tiles)
@@ -353,3 +363,92 @@ def test_cli_index_run_folder_and_bad_input(build: Path, model: Path, index: Pat
         res = runner.invoke(main, bad)
         assert res.exit_code == 2, res.output
         assert res.stderr.startswith("geoseg: error: ") and res.stderr.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def documents_index(build: Path, tmp_path_factory) -> tuple[Path, TileEmbedder]:
+    """An index of an embedder that fuses tile documents (`document_weight` 0.5, the default
+    training config's): the kind document-phrase re-scoring applies to."""
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("docemb") / "embedder"
+    create_embedder(TINY | {"document_weight": 0.5}).save(folder)
+    embedder = load_embedder(folder)
+    out = tmp_path_factory.mktemp("docidx") / "flat"
+    build_index(build, embedder, out, model=str(folder), batch_size=32, progress=False)
+    return out, embedder
+
+
+def test_metadata_gives_back_every_tile_document(index: Path, build: Path):
+    """Search re-scores from the index alone: its metadata rows rebuild each tile's document."""
+    idx = TileIndex.open(index)
+    for row, tile in enumerate(load_tiles(build)):
+        assert tile_document(tile) is not None  # every sample tile is labelled
+        assert tile_document(idx.tile_info(row)) == tile_document(tile), tile.tile_id
+
+
+def test_rescoring_lifts_the_tile_whose_phrase_matches_and_is_neutral_without_documents(build):
+    """`rescore_order` on real documents with hand-made phrase vectors: the query matches one
+    phrase only one candidate's document has; a tile without a document scores 0."""
+    tiles = load_tiles(build)
+    forest = next(t for t in tiles if t.class_fractions["tree"] >= 0.5)
+    bare = next(t for t in tiles if t.class_fractions["ground"] == 1.0)
+    b_doc, f_doc = tile_document(bare), tile_document(forest)
+    only_forest = sorted({p for _, ps in f_doc for p in ps} - {p for _, ps in b_doc for p in ps})
+    assert only_forest
+
+    looked_up: list[list[str]] = []
+
+    class Phrases:
+        def phrase_vectors(self, phrases):
+            looked_up.append(list(phrases))
+            return torch.tensor(
+                [[1.0, 0.0] if p == only_forest[0] else [0.0, 1.0] for p in phrases]
+            )
+
+    query = np.array([1.0, 0.0])
+    scores = np.array([0.81, 0.80, 0.79])  # faiss: bare, forest, an unlabelled tile
+    order = rescore_order(Phrases(), query, scores, [b_doc, f_doc, None])
+    assert order.tolist() == [1, 0, 2]
+    assert len(looked_up[-1]) == len(set(looked_up[-1]))  # each phrase looked up once
+    # no phrase tells the candidates apart: the faiss order stands
+    assert rescore_order(Phrases(), query, scores, [b_doc, b_doc, None]).tolist() == [0, 1, 2]
+
+
+def test_search_and_evaluation_rescore_the_top_candidates(documents_index, build, tmp_path):
+    path, embedder = documents_index
+    idx = TileIndex.open(path)
+    text, k, top = "tall trees on a hillside", 5, 40
+
+    def ids(hits):
+        return [h.tile_id for h in hits]
+
+    plain = search(idx, Query(text=text), top, rescore=0)
+    assert [h.score for h in plain] == sorted((h.score for h in plain), reverse=True)
+    rescored = search(idx, Query(text=text), k, rescore=top)
+    with torch.inference_mode():
+        vector = embed_search_queries(embedder, [text])[0].numpy()
+    documents = [tile_document(idx.tile_info(idx.row(h.tile_id))) for h in plain]
+    order = rescore_order(embedder, vector, np.array([h.score for h in plain]), documents)
+    assert ids(rescored) == [ids(plain)[i] for i in order[:k]] != ids(plain)[:k]
+    assert [h.rank for h in rescored] == list(range(1, k + 1))
+    # filters first, then re-scoring among the tiles they keep
+    val = search(idx, Query(text=text, filters=Filters(split="val")), k, rescore=top)
+    assert val and all(h.properties["split"] == "val" for h in val)
+    # the CLI: --rescore 0 is faiss's order; tile queries are never re-scored
+    out = tmp_path / "hits.geojson"
+    args = ["search", text, "--index", str(path), "--k", str(k), "--out", str(out)]
+    assert (
+        CliRunner().invoke(main, [*args, "--rescore", str(top), "--no-thumbnails"]).exit_code == 0
+    )
+    assert [f["id"] for f in json.loads(out.read_text())["features"]] == ids(rescored)
+    assert CliRunner().invoke(main, [*args, "--rescore", "0", "--no-thumbnails"]).exit_code == 0
+    assert [f["id"] for f in json.loads(out.read_text())["features"]] == ids(plain)[:k]
+    like = Query(like=plain[0].tile_id)
+    assert ids(search(idx, like, k, rescore=top)) == ids(search(idx, like, k, rescore=0))
+    # evaluation: a re-scored row beside each pool's plain row
+    model = idx.meta["model"]
+    rows = [r for r in evaluate_retrieval(build, [model], tmp_path / "e") if r["model"] == model]
+    assert [(r["pool"], r["rescored"]) for r in rows] == [
+        ("index", False), ("index", True), ("unseen", False), ("unseen", True)
+    ]  # fmt: skip
+    assert f"phrase re-scoring top-{RESCORE_TOP}" in (tmp_path / "e" / "table.md").read_text()
