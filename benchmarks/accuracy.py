@@ -314,11 +314,26 @@ def tables(results: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def claim(out: Path) -> int | None:
+    """Hold `out` (a run's folder) for this instance, or None when another instance holds it:
+    instances with overlapping --only/--seeds must not train the same run, since a second
+    `geoseg train` in the folder resumes the first one's checkpoint. The lock dies with the
+    process, so a crashed run is taken up again by the next instance."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def save_run(
     path: Path, results: dict[str, Any], name: str, seed: int, run: dict[str, Any]
 ) -> dict[str, Any]:
     """Add one run to the results file and rewrite its summaries, under a lock and on top of
-    what the file holds now: two instances (e.g. `--only` of different variants) can share it."""
+    what the file holds now: instances (overlapping `--only`/`--seeds` or not) can share it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = os.open(path.parent, os.O_RDONLY)  # the folder is the lock: no stray lock file
     try:
@@ -399,7 +414,14 @@ def main() -> None:
     for name in args.only:
         entry = results["variants"].setdefault(name, {"what": VARIANTS[name]["what"], "runs": {}})
         for seed in args.seeds:
-            if str(seed) in entry["runs"]:
+            work = args.work / "as-configured" if args.as_configured else args.work
+            out = work / name / f"seed{seed}"
+            if str(seed) in entry["runs"] or (claimed := claim(out)) is None:
+                continue
+            if args.results.is_file() and str(seed) in json.loads(args.results.read_text()).get(
+                "variants", {}
+            ).get(name, {}).get("runs", {}):
+                os.close(claimed)  # another instance finished it since this one read the file
                 continue
             cfg = variant_config(base, name, seed)
             if not args.as_configured:
@@ -409,9 +431,9 @@ def main() -> None:
                 budgeted(cfg, calibration[name], args.budget)
             steps = cfg["data"]["epoch_tiles"] * cfg["trainer"]["max_epochs"]
             print(f"{name} seed {seed}: {steps // cfg['data']['batch_size']} steps", flush=True)
-            work = args.work / "as-configured" if args.as_configured else args.work
-            run = run_once(cfg, args.data, work / name / f"seed{seed}", args.nice)
+            run = run_once(cfg, args.data, out, args.nice)
             results = save_run(args.results, results, name, seed, run)
+            os.close(claimed)
     if results.get("summary"):
         print(tables(results))
 

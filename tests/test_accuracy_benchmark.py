@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,21 @@ def test_a_budget_buys_steps_over_fixed_epochs_with_the_same_total_decay() -> No
     assert steps == 200 and cfg["trainer"]["max_epochs"] == accuracy.EPOCHS
     total = base["optim"]["gamma"] ** base["trainer"]["max_epochs"]
     assert cfg["optim"]["gamma"] ** accuracy.EPOCHS == pytest.approx(total)
+
+
+def test_a_run_held_by_one_instance_is_skipped_by_another(tmp_path: Path) -> None:
+    """Two grid instances with overlapping --only once trained the same seed in one folder, the
+    second resuming the first's checkpoint: a run's folder is now held for its whole run."""
+    out = tmp_path / "ikdnet" / "seed1"
+    other = [
+        sys.executable, "-c",
+        "import importlib.util, sys; from pathlib import Path; "
+        f"s = importlib.util.spec_from_file_location('a', {str(spec.origin)!r}); "
+        "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+        f"print(m.claim(Path({str(out)!r})) is None)",
+    ]  # fmt: skip
+    held = accuracy.claim(out)
+    assert held is not None
+    assert subprocess.run(other, capture_output=True, text=True, check=True).stdout == "True\n"
+    os.close(held)
+    assert subprocess.run(other, capture_output=True, text=True, check=True).stdout == "False\n"
