@@ -103,7 +103,7 @@ def _embedder_ref(model: str) -> str:
     "--rescore",
     type=click.IntRange(min=0),
     help="Re-order a text query's top N hits by their tiles' best-matching document phrase; "
-    "0 = off [retrieval.rescore.SEARCH_RESCORE: 50].",
+    "0 = off [retrieval.rescore.RESCORE_TOP: 50].",
 )
 @click.option("--rerank", is_flag=True, help="Rerank the top 5 with the run's reranker.")
 @click.option("--reranker", type=click.Path(path_type=Path), help="Reranker folder [run's].")

@@ -29,9 +29,8 @@ if TYPE_CHECKING:
     from retrieval.embedder import Document
 
 RESCORE_TOP = 50
-"""Candidates re-scored per text query."""
-SEARCH_RESCORE = RESCORE_TOP
-"""`geoseg search`'s default candidate count (0 = off); docs/retrieval.md has the measurement."""
+"""Candidates re-scored per text query, in evaluation and by default in `geoseg search` (where
+0 turns it off); docs/retrieval.md has the measurement."""
 
 
 def rescore_order(

@@ -29,7 +29,7 @@ from retrieval.index import (
 )
 from retrieval.negation import embed_search_queries
 from retrieval.rerank import RERANK_TOP, load_reranker, rerank_order
-from retrieval.rescore import SEARCH_RESCORE, rescore_order
+from retrieval.rescore import RESCORE_TOP, rescore_order
 
 
 @dataclass
@@ -70,7 +70,7 @@ def search(
     *,
     model: str | Path | None = None,
     reranker: str | Path | None = None,
-    rescore: int = SEARCH_RESCORE,
+    rescore: int = RESCORE_TOP,
     device: str | torch.device = AUTO,
 ) -> list[Hit]:
     """Top-k tiles for a query; a text query's top max(k, `rescore`) are re-ordered by their best
