@@ -148,6 +148,19 @@ def test_split_blocks_have_no_neighbours_across_splits():
     assert assign_splits(cells, block=4, seed=1) == split  # deterministic
 
 
+def test_each_grid_is_split_to_the_ratios_on_its_own():
+    # A large site and a small one of three scattered blocks (like NEON plots): dealt over all
+    # blocks at once (before per-grid dealing), seed 4 put all three small blocks in train.
+    big = [(f"a{c}_{r}", "big", c, r) for c in range(40) for r in range(40)]
+    small = [(f"b{c}", "small", c, 0) for c in (0, 100, 200)]
+    split = assign_splits(big + small, block=4, seed=4)
+    assert sorted(split[t] for t, *_ in small) == ["test", "train", "val"]
+    counts = {s: sum(split[t] == s for t, *_ in big) for s in ("train", "val", "test")}
+    assert counts["val"] > 0 and counts["test"] > 0 and counts["train"] > counts["val"]
+    alone = assign_splits(big, block=4, seed=4)
+    assert {t: split[t] for t, *_ in big} == alone  # a grid's split ignores the others
+
+
 def test_block_catalogs_list_each_tile_once_whatever_the_id_order(tmp_path):
     """Sorted ids cross blocks (col 500 rows 60-70 span two; col 501 comes back): every block
     catalog must still list all its tiles, and the collection each block once."""

@@ -5,6 +5,12 @@ scores. Here tiles are grouped into square blocks of `block` x `block` tiles, wh
 assigned to splits by a seeded hash, and then any tile touching (8-neighbourhood) a tile of a
 higher-priority split (test > val > train) becomes `buffer`: kept on disk, used by no split.
 
+Blocks are dealt within each grid (CRS + tile size; at state scale, a UTM zone), each grid to
+the ratios on its own. Dealt over all grids at once, a small grid could end up with no val or
+no test block at all: the sample's scattered NEON TEAK plots had train and test but no val, so
+choosing a checkpoint by val mIoU never saw a tree. Per grid, every site with three or more
+blocks is in all three splits.
+
 The work is done on arrays (`split_codes`): a state-wide build splits 1.6 M tiles at its end.
 """
 
@@ -28,6 +34,33 @@ def _key(grid: str, block: tuple[int, int], seed: int) -> str:
     return hashlib.sha256(f"{seed}:{grid}:{block[0]}:{block[1]}".encode()).hexdigest()
 
 
+def _deal(
+    blocks: np.ndarray,
+    sizes: np.ndarray,
+    out: np.ndarray,
+    grids: list[str],
+    ratios: tuple[float, float, float],
+    seed: int,
+) -> None:
+    """Deal one grid's blocks (rows of grid, bx, by; tile counts `sizes`) to splits in `out`."""
+    order = sorted(
+        range(len(blocks)),
+        key=lambda b: _key(grids[blocks[b, 0]], (int(blocks[b, 1]), int(blocks[b, 2])), seed),
+    )
+    if len(order) >= 3:
+        # Smallest non-train splits first: guarantee one block each, then fill by tile share.
+        out[order[0]], out[order[1]] = 2, 1
+    n = int(sizes.sum())
+    counts = [int(sizes[out == s].sum()) for s in range(len(SPLITS))]
+    for b in order:
+        if out[b] >= 0:
+            continue
+        deficit = [ratios[s] * n - counts[s] for s in range(len(SPLITS))]
+        choice = max(range(len(SPLITS)), key=lambda s: (deficit[s], -_CODE_PRIORITY[s]))
+        out[b] = choice
+        counts[choice] += int(sizes[b])
+
+
 def split_codes(
     grids: list[str],
     grid: np.ndarray,
@@ -40,9 +73,9 @@ def split_codes(
     """Split code (index into `NAMES`) of each cell given as arrays.
 
     `grid[i]` indexes `grids`, the names that separate grids (CRS + tile size): cells of
-    different grids never neighbour. Blocks are dealt to splits in hash order until each split's
-    tile share reaches its ratio, so small datasets still get a val and a test block whenever
-    there are three or more blocks.
+    different grids never neighbour. Within each grid, blocks are dealt to splits in hash order
+    until each split's share of that grid's tiles reaches its ratio, so every grid with three or
+    more blocks gets a val and a test block.
     """
     n = len(col)
     if n == 0:
@@ -52,22 +85,11 @@ def split_codes(
         np.stack([grid, bx, by], axis=1), axis=0, return_inverse=True, return_counts=True
     )
     of_cell = of_cell.ravel()
-    order = sorted(
-        range(len(blocks)),
-        key=lambda b: _key(grids[blocks[b, 0]], (int(blocks[b, 1]), int(blocks[b, 2])), seed),
-    )
     block_split = np.full(len(blocks), -1, np.int8)
-    if len(order) >= 3:
-        # Smallest non-train splits first: guarantee one block each, then fill by tile share.
-        block_split[order[0]], block_split[order[1]] = 2, 1
-    counts = [int(sizes[block_split == s].sum()) for s in range(len(SPLITS))]
-    for b in order:
-        if block_split[b] >= 0:
-            continue
-        deficit = [ratios[s] * n - counts[s] for s in range(len(SPLITS))]
-        choice = max(range(len(SPLITS)), key=lambda s: (deficit[s], -_CODE_PRIORITY[s]))
-        block_split[b] = choice
-        counts[choice] += int(sizes[b])
+    # `blocks` is sorted by grid first, so each grid's blocks are one contiguous run.
+    starts = np.flatnonzero(np.r_[True, blocks[1:, 0] != blocks[:-1, 0]])
+    for lo, hi in zip(starts, np.r_[starts[1:], len(blocks)], strict=True):
+        _deal(blocks[lo:hi], sizes[lo:hi], block_split[lo:hi], grids, ratios, seed)
 
     split = block_split[of_cell]
     keys = (grid.astype(np.int64) << 52) | ((col + _OFFSET) << 26) | (row + _OFFSET)
