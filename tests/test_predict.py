@@ -173,6 +173,32 @@ def test_bad_inputs_fail_in_one_line(checkpoint: Path, scene: Path, tmp_path: Pa
     assert not out.exists()
 
 
+def test_an_rgb_model_reads_the_first_three_bands_of_a_naip_scene(
+    checkpoint: Path, scene: Path, tmp_path: Path
+):
+    with rasterio.open(scene) as src:
+        data, profile = src.read(), src.profile
+    three = write_scene(tmp_path / "rgb.tif", data[:3], profile)
+    ckpt = torch.load(checkpoint, weights_only=True)  # the same contract, made an RGB model's
+    contract = ckpt[CONTRACT_KEY]
+    assert contract["bands"] == ["red", "green", "blue", "nir"]
+    contract.update(bands=contract["bands"][:3], mean=contract["mean"][:3], std=contract["std"][:3])
+    contract["model_kwargs"] = {**contract["model_kwargs"], "in_channels": 3}
+    torch.manual_seed(0)
+    unet = create_model("unet", **contract["model_kwargs"])
+    ckpt["state_dict"] = {f"model.{k}": v for k, v in unet.state_dict().items()}
+    rgb = tmp_path / "rgb.ckpt"
+    torch.save(ckpt, rgb)
+    maps = []
+    for image in (scene, three):
+        out = tmp_path / f"pred-{image.stem}.tif"
+        res = cli("predict", "--checkpoint", rgb, "--image", image, "--out", out)
+        assert res.exit_code == 0, res.output
+        with rasterio.open(out) as src:
+            maps.append(src.read(1))
+    assert np.array_equal(*maps) and maps[0].any()
+
+
 def test_item_speaks_the_dataset_stac_and_carries_the_scene_time(
     checkpoint: Path, sample_build: Path, tmp_path: Path
 ):

@@ -17,6 +17,8 @@ windows cover are written as nodata 0, and the STAC Item counts the skipped wind
 
 Input rules: the scene's bands are the contract's image bands in the contract's order (only the
 count can be checked; `dsm`/`intensity` bands are rasterised from the points as the build does),
+except that a 4-band scene in NAIP's order (red, green, blue, NIR) also serves a model of its
+first bands (an RGB model reads bands 1-3 of a NAIP scene),
 its pixel size must be within 10 % of the contract's GSD (the model has only seen that scale;
 outside it the error is refused, not warned about), and it must have a CRS, because the outputs
 are map products.
@@ -107,6 +109,10 @@ def blend_weights(size: int, ramp: int) -> np.ndarray:
     return np.outer(ramp1d, ramp1d).astype(np.float32)
 
 
+NAIP_ORDER = ("red", "green", "blue", "nir")
+"""Band order of a 4-band NAIP scene: a model of its first bands reads those (`_open_scene`)."""
+
+
 def image_bands(contract: dict[str, Any]) -> list[str]:
     """The contract's bands the scene image must hold (those not rasterised from points)."""
     return [b for b in contract["bands"] if b not in LIDAR_BANDS]
@@ -128,7 +134,8 @@ def _open_scene(image: Path, contract: dict[str, Any]) -> DatasetReader:
         if src.crs is None:
             raise PredictError(f"{image} has no CRS; predictions must be georeferenced")
         bands = image_bands(contract)
-        if src.count != len(bands):
+        naip_prefix = src.count == len(NAIP_ORDER) and tuple(bands) == NAIP_ORDER[: len(bands)]
+        if src.count != len(bands) and not naip_prefix:
             expected = f"{len(bands)} ({', '.join(bands)})"
             raise PredictError(f"{image} has {src.count} bands; the model expects {expected}")
         gsd = contract["gsd"]
@@ -299,6 +306,7 @@ class _Engine:
         self.point_config = PointConfig(**settings, augment=False) if point_model else None
         self.lidar = [b for b in self.contract["bands"] if b in LIDAR_BANDS]
         image = image_bands(self.contract)  # read first, then the LiDAR rasters: reorder
+        self.read = list(range(1, len(image) + 1))  # the scene's first bands (NAIP: RGB of RGBN)
         self.order = [
             image.index(b) if b in image else len(image) + self.lidar.index(b)
             for b in self.contract["bands"]
@@ -310,7 +318,7 @@ class _Engine:
         """(sample, image nodata mask (h, w)) of one window, None when it has too few points."""
         src, size = self.src, self.size
         window = Window(left, top, min(size, src.width - left), min(size, src.height - top))
-        values = src.read(window=window).astype(np.float32)
+        values = src.read(self.read, window=window).astype(np.float32)
         if src.nodata is not None:
             values[values == src.nodata] = np.nan
         missing = np.isnan(values).all(axis=0)
