@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -156,12 +157,13 @@ ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}
 """Evaluation's environment: one intra-op thread, as the base config's trainer.threads."""
 
 
-def run_once(cfg: dict[str, Any], data: Path, out: Path, nice: int = 5) -> dict[str, Any]:
+def run_once(
+    cfg: dict[str, Any], data: Path, out: Path, nice: int = 5, sites: dict[str, Path] | None = None
+) -> dict[str, Any]:
     """Train (nice), evaluate the best checkpoint (val mIoU) and `last` on test, once when they
-    are the same step (the sample's val split has no tile of the test site, so the two can
-    differ); scores (val: the best
-    checkpoint's, from the model card), CPU time and the machine's load (1-min load average at
-    the end of training)."""
+    are the same step; scores (val: the best checkpoint's, from the model card), the same per
+    site on `sites`' views (`site_views`), CPU time and the machine's load (1-min load average
+    at the end of training)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.in.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -177,23 +179,69 @@ def run_once(cfg: dict[str, Any], data: Path, out: Path, nice: int = 5) -> dict[
     last = out / "run" / "checkpoints" / "last.ckpt"
     card = json.loads((out / "run" / "model_card.json").read_text())
     same = best.stem == f"best-step={card['training']['steps']}"  # best is the last state
+    checkpoints = (("test", best),) if same else (("test", best), ("test_last", last))
+    scores = scores_on_test(checkpoints, data, out, nice)
+    by_site = {site: scores_on_test(checkpoints, view, out / site, nice) for site, view in
+               (sites or {}).items()}  # fmt: skip
+    return (
+        {
+            "checkpoint": best.name,
+            "steps": card["training"]["steps"],
+            "train_cpu_s": round(train_cpu, 1),
+            "train_wall_s": round(train_wall, 1),
+            "load": round(load, 1),
+            "val": _card_scores(card["metrics"]["val"]),
+        }
+        | scores
+        | ({"sites": by_site} if by_site else {})
+    )
+
+
+def scores_on_test(
+    checkpoints: tuple[tuple[str, Path], ...], data: Path, out: Path, nice: int = 5
+) -> dict[str, Any]:
+    """`geoseg evaluate` of each (key, checkpoint) on `data`'s test split into `out`/eval-KEY:
+    their scores under their keys (`test_last` = `test` when only one is given) and the
+    constant map's pixel scores under `chance`."""
     scores = {}
-    for key, ckpt in (("test", best),) if same else (("test", best), ("test_last", last)):
+    for key, ckpt in checkpoints:
         subprocess.run(
             ["nice", "-n", str(nice), *GEOSEG, "evaluate", "--checkpoint", str(ckpt), "--data",
              str(data), "--split", "test", "--out", str(out / f"eval-{key}")],
             check=True, capture_output=True, env=ONE_THREAD,
         )  # fmt: skip
-        scores[key] = _scores(json.loads((out / f"eval-{key}" / "metrics.json").read_text()))
+        metrics = json.loads((out / f"eval-{key}" / "metrics.json").read_text())
+        scores[key] = _scores(metrics)
+        scores["chance"] = {"pixels": metrics["baseline"]}
     scores.setdefault("test_last", scores["test"])
-    return {
-        "checkpoint": best.name,
-        "steps": card["training"]["steps"],
-        "train_cpu_s": round(train_cpu, 1),
-        "train_wall_s": round(train_wall, 1),
-        "load": round(load, 1),
-        "val": _card_scores(card["metrics"]["val"]),
-    } | scores
+    return scores
+
+
+def site_views(data: Path) -> dict[str, Path]:
+    """Per site (EPSG) of `data`'s test split, when it spans more than one: a view of the build
+    whose test split is that site's test tiles only (the other sites' become buffer), beside
+    `data` as DATA.test-EPSG. Hard links, so tile paths stay inside the view; only its
+    index.parquet is its own. A view is made again only when the build was (its stats.json,
+    rewritten by every build, is no longer the view's), so instances evaluating on a view can
+    share it. The sample's test split mixes a French site of nearly only ground with the NEON
+    TEAK plots, whose trees the pooled scores hide."""
+    import pandas as pd
+
+    index = pd.read_parquet(data / "index.parquet")
+    test = index["split"] == "test"
+    epsgs = sorted(index.loc[test, "epsg"].unique())
+    views = {}
+    for epsg in epsgs if len(epsgs) > 1 else ():
+        view = data.parent / f"{data.name}.test-{epsg}"
+        views[str(epsg)] = view
+        stats = view / "stats.json"
+        if stats.is_file() and stats.samefile(data / "stats.json"):
+            continue
+        shutil.rmtree(view, ignore_errors=True)
+        shutil.copytree(data, view, copy_function=os.link, ignore=shutil.ignore_patterns("index.*"))
+        mine = index["split"].where(~test | (index["epsg"] == epsg), "buffer")
+        index.assign(split=mine).to_parquet(view / "index.parquet")
+    return views
 
 
 def _scores(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -256,7 +304,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             return {"mean": statistics.fmean(nums), "std": std, "n": len(nums)}
         return values
 
-    keys = ("steps", "train_cpu_s", "train_wall_s", "load", "test", "val", "test_last")
+    keys = ("steps", "train_cpu_s", "train_wall_s", "load", "test", "val", "test_last", "sites")
     return walk([{k: r[k] for k in keys if k in r} for r in runs])
 
 
@@ -311,7 +359,36 @@ def tables(results: dict[str, Any]) -> str:
     for kind in ("pixels", "points"):
         for key, which in (("test", "best checkpoint by val mIoU"), ("test_last", "`last`")):
             parts.append(f"Test {kind}, {which}:\n\n{table(results, kind, key)}")
+    if any(s.get("sites") for s in results["summary"].values()):
+        parts.append(f"Test pixels per site:\n\n{site_table(results)}")
     return "\n\n".join(parts)
+
+
+SITE_COLUMNS = ("oa", "kappa", "iou/ground", "iou/tree")
+
+
+def site_table(results: dict[str, Any]) -> str:
+    """Markdown table of the test pixel scores per site (runs with `sites`), best checkpoint
+    by val mIoU with `last`'s mIoU beside; each site's constant map first."""
+    head = ("site (EPSG)", "variant", "seeds", "mIoU", "mIoU (last)", "OA", "kappa", "IoU ground",
+            "IoU tree")  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    rows = [(n, s) for n, s in _in_order(results["summary"]) if s.get("sites")]
+    for site in sorted({site for _, s in rows for site in s["sites"]}):
+        chance = next(s["sites"][site]["chance"]["pixels"] for _, s in rows if site in s["sites"])
+        mean = {k: f"{v['mean']:.3f}" for k, v in chance.items() if isinstance(v, dict)}
+        cells = [site, f"constant map ({chance['predicts'][0]})", "–", mean["miou"], "–",
+                 *(mean.get(k, "–") for k in SITE_COLUMNS)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+        for name, summary in rows:
+            scores = summary["sites"].get(site)
+            if not scores:
+                continue
+            best, last = scores["test"]["pixels"], scores["test_last"]["pixels"]
+            cells = [site, name, str(summary["seeds"]), _pm(best["miou"]), _pm(last["miou"]),
+                     *(_pm(best.get(k)) for k in SITE_COLUMNS)]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def claim(out: Path) -> int | None:
@@ -373,6 +450,9 @@ def main() -> None:
         help="the sample build (built with geoseg build-dataset if missing)",
     )  # fmt: skip
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "accuracy")
+    parser.add_argument(
+        "--config", type=Path, default=BASE, help="the base config (default: the sample config)"
+    )
     parser.add_argument("--budget", type=float, default=300.0, help="training CPU s per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS))
@@ -396,12 +476,12 @@ def main() -> None:
     if not (args.data / "stats.json").is_file():
         subprocess.run([*GEOSEG, "build-dataset", "--catalog", "sample", "--out", str(args.data),
                         "--no-progress"], check=True)  # fmt: skip
-    base = yaml.safe_load(BASE.read_text())
+    base = yaml.safe_load(args.config.read_text())
     results = json.loads(args.results.read_text()) if args.results.is_file() else {}
     results |= {
         "budget_cpu_s": None if args.as_configured else args.budget,
         "epochs": base["trainer"]["max_epochs"] if args.as_configured else EPOCHS,
-        "base_config": str(BASE.relative_to(ROOT)),
+        "base_config": os.path.relpath(args.config.resolve(), ROOT),
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -409,6 +489,7 @@ def main() -> None:
         },
         "chance": majority_row(args.data),
     }
+    sites = site_views(args.data)
     results.setdefault("variants", {})
     results.setdefault("calibration", {})
     for name in args.only:
@@ -431,7 +512,7 @@ def main() -> None:
                 budgeted(cfg, calibration[name], args.budget)
             steps = cfg["data"]["epoch_tiles"] * cfg["trainer"]["max_epochs"]
             print(f"{name} seed {seed}: {steps // cfg['data']['batch_size']} steps", flush=True)
-            run = run_once(cfg, args.data, out, args.nice)
+            run = run_once(cfg, args.data, out, args.nice, sites)
             results = save_run(args.results, results, name, seed, run)
             os.close(claimed)
     if results.get("summary"):

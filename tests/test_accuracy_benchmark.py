@@ -6,13 +6,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
+from geoseg.datasets.splits import split_tiles
 from geoseg.models import create_model
 from geoseg.train.config import config_from_dict
 from geoseg.train.fit import resolve_model_kwargs
@@ -63,6 +66,42 @@ def test_chance_row_and_summaries(sample_build: Path) -> None:
     assert "| x |" not in accuracy.table(results, kind="points")  # a variant without points
     assert accuracy.tables(results).count("| constant map (ground) |") == 4
     assert "| `x` | a model |" in accuracy.tables(results)
+
+
+def test_site_views_hold_one_site_each_in_test(sample_build: Path, tmp_path: Path) -> None:
+    data = tmp_path / "sample"
+    shutil.copytree(sample_build, data, copy_function=os.link)
+    index = pd.read_parquet(data / "index.parquet")
+    test = index[index["split"] == "test"]
+    views = accuracy.site_views(data)
+    assert sorted(views) == sorted(str(e) for e in test["epsg"].unique()) and len(views) == 2
+    for site, view in views.items():
+        mine = pd.read_parquet(view / "index.parquet").set_index("tile_id")["split"]
+        assert list(split_tiles(view, "test")["tile_id"]) == sorted(
+            test.loc[test["epsg"] == int(site), "tile_id"]
+        )  # and their paths are inside the view
+        assert (mine == "train").sum() == (index["split"] == "train").sum()
+    assert pd.read_parquet(data / "index.parquet").equals(index)  # the build's own is untouched
+    made = {site: (view / "index.parquet").stat().st_ino for site, view in views.items()}
+    accuracy.site_views(data)  # kept while the build is the same
+    assert {site: (v / "index.parquet").stat().st_ino for site, v in views.items()} == made
+    fresh = data / "stats.json.new"  # a new build writes a new stats.json
+    fresh.write_text((data / "stats.json").read_text())
+    os.replace(fresh, data / "stats.json")
+    accuracy.site_views(data)
+    assert all((v / "stats.json").samefile(data / "stats.json") for v in views.values())
+    chance = {"predicts": "ground", "miou": 0.45, "oa": 0.9, "kappa": 0.0}
+    runs = [
+        {"steps": 1, "train_cpu_s": 1.0, "train_wall_s": 1.0, "test": {},
+         "sites": {"32611": {"test": {"pixels": {"miou": v, "iou/tree": v}},
+                             "test_last": {"pixels": {"miou": 0.3}},
+                             "chance": {"pixels": chance}}}}
+        for v in (0.5, 0.7)
+    ]  # fmt: skip
+    table = accuracy.site_table({"summary": {"x": {"seeds": 2} | accuracy.summarise(runs)}})
+    assert "| 32611 | constant map (ground) | – | 0.450 | – | 0.900 | 0.000 | – | – |" in table
+    row = "| 32611 | x | 2 | 0.600 ± 0.141 | 0.300 ± 0.000 | n/a | n/a | n/a | 0.600 ± 0.141 |"
+    assert row in table
 
 
 def test_val_scores_come_from_the_model_card() -> None:
