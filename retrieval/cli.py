@@ -105,6 +105,13 @@ def _embedder_ref(model: str) -> str:
     help="Re-order a text query's top N hits by their tiles' best-matching document phrase; "
     "0 = off [retrieval.rescore.RESCORE_TOP: 50].",
 )
+@click.option(
+    "--amounts",
+    is_flag=True,
+    help="Rank first the tiles whose class shares, predicted from their images, meet the "
+    "amounts a text query asks for ('a few trees', 'no trees'; retrieval.amounts). Off by "
+    "default: on the development queries it helped only the pool its head was fitted on.",
+)
 @click.option("--rerank", is_flag=True, help="Rerank the top 5 with the run's reranker.")
 @click.option("--reranker", type=click.Path(path_type=Path), help="Reranker folder [run's].")
 @click.option("--model", help="Embedder to embed the query [the index's].")
@@ -127,6 +134,7 @@ def search_cmd(
     year: int | None,
     probes: int | None,
     rescore: int | None,
+    amounts: bool,
     rerank: bool,
     reranker: Path | None,
     model: str | None,
@@ -160,6 +168,7 @@ def search_cmd(
             model=_embedder_ref(model) if model else None,
             reranker=reranker if rerank else None,
             device=device,
+            amounts=amounts,
             **({} if rescore is None else {"rescore": rescore}),
         )
     except _bad_input_errors() as exc:

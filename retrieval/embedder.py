@@ -27,6 +27,7 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from geoseg.device import AUTO, resolve_device
+from retrieval.amounts import CompositionHead
 from retrieval.backbones import Backbone, create_backbone
 
 TEMPLATES: dict[str, str] = {
@@ -96,6 +97,8 @@ class TileEmbedder(nn.Module):
         self.max_text_tokens = max_text_tokens
         self.document_weight = document_weight
         self._phrases: dict[str, Tensor] = {}
+        self.composition: CompositionHead | None = None
+        """Image vector -> class shares (`retrieval.amounts`), when the folder has one."""
 
     def train(self, mode: bool = True) -> TileEmbedder:
         """Also forgets cached phrase vectors: training changes nothing of a frozen text tower,
@@ -163,7 +166,12 @@ class TileEmbedder(nn.Module):
             vectors = self.embed(images.unsqueeze(1), [""] * images.shape[0], "tile")
         else:
             vectors = self.embed(images.unsqueeze(1), texts, "tile_text")
-        if documents is None or not self.document_weight:
+        return vectors if documents is None else self.fuse_documents(vectors, documents)
+
+    def fuse_documents(self, vectors: Tensor, documents: list[Document | None]) -> Tensor:
+        """(B, dim) image vectors fused with their tiles' documents by `document_weight` (a
+        tile without a document keeps its image vector)."""
+        if not self.document_weight:
             return vectors
         if len(documents) != len(vectors):
             raise ValueError(f"{len(documents)} documents for {len(vectors)} tiles")
@@ -270,6 +278,7 @@ def load_embedder(path_or_hf_id: str | Path, device: str | torch.device = AUTO) 
             document_weight=config.get("document_weight", 0.0),
         )
         load_model(embedder, str(folder / "model.safetensors"))
+        embedder.composition = CompositionHead.load(folder)
     elif folder.exists() and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is neither an embedder folder nor an HF model folder")
     else:

@@ -29,6 +29,7 @@ import torch
 
 from geoseg.builder.writers import write_bytes_atomic, write_json
 from geoseg.device import AUTO, resolve_device
+from retrieval.amounts import in_range, nearest_class, parse_amounts
 from retrieval.data import TileInfo, load_tiles, tile_rgb
 from retrieval.index import (
     embed_tile_batch,
@@ -52,9 +53,10 @@ from retrieval.rescore import RESCORE_TOP, rescore_order
 
 POOLS = ("index", "unseen")
 LIKE_K = 10
-PLAIN = {"reranker": False, "rescored": False}
+PLAIN = {"reranker": False, "rescored": False, "amounts": False}
 """Row flags: the faiss ranking as is (a reranker row reorders its top 5, a re-scored row its
-top `RESCORE_TOP`)."""
+top `RESCORE_TOP`, an amounts row puts tiles whose image-predicted shares meet the query's
+amounts first, `retrieval.amounts`)."""
 
 
 def pool_mask(tiles: Sequence[TileInfo], pool: str) -> np.ndarray:
@@ -64,14 +66,18 @@ def pool_mask(tiles: Sequence[TileInfo], pool: str) -> np.ndarray:
     return np.array([t.split != "train" for t in tiles])
 
 
-def embed_pool(embedder: Any, data: Path, tiles: Sequence[TileInfo], batch_size: int) -> np.ndarray:
-    """(N, dim) float32 tile vectors, embedded as `geoseg index` does, streamed: memory holds
-    one batch of images, not the pool."""
+def embed_pool(
+    embedder: Any, data: Path, tiles: Sequence[TileInfo], batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N, dim) float32 tile vectors and (N, C) image-predicted class shares (None without a
+    composition head), embedded as `geoseg index` does, streamed: memory holds one batch of
+    images, not the pool."""
     out = [
         embed_tile_batch(embedder, data, tiles[i : i + batch_size])
         for i in range(0, len(tiles), batch_size)
     ]
-    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+    vectors = np.ascontiguousarray(np.concatenate([v for v, _ in out]), dtype=np.float32)
+    return vectors, None if out[0][1] is None else np.concatenate([s for _, s in out])
 
 
 def top_ranked(
@@ -144,7 +150,7 @@ def evaluate_retrieval(
     for model in models:
         ref, reranker_dir = _model_paths(model)
         embedder = open_embedder(ref, device=device)
-        vectors = embed_pool(embedder, data, tiles, batch_size)
+        vectors, shares = embed_pool(embedder, data, tiles, batch_size)
         with torch.inference_mode():
             qvec = embed_search_queries(embedder, texts).float().cpu().numpy()
         for pool in POOLS:
@@ -160,11 +166,21 @@ def evaluate_retrieval(
                 rows.append(
                     base | PLAIN | {"reranker": True} | _text_rows(specs, reranked, rel, seed)
                 )
-            if uses_documents(embedder):
+            rescoring = uses_documents(embedder)
+            if rescoring:
                 rescored = _rescore(embedder, qvec, vectors[mask], pool_tiles)
                 rows.append(
                     base | PLAIN | {"rescored": True} | _text_rows(specs, rescored, rel, seed)
                 )
+            if shares is not None:
+                head = embedder.composition
+                predicted = {c: shares[mask, j] for j, c in enumerate(head.classes)}
+                with torch.inference_mode():
+                    amounted = _amounts(
+                        embedder, texts, qvec, vectors[mask], predicted, pool_tiles, rescoring
+                    )
+                flags = {"rescored": rescoring, "amounts": True}
+                rows.append(base | PLAIN | flags | _text_rows(specs, amounted, rel, seed))
         del embedder
     summary = {
         "data": str(data),
@@ -238,6 +254,39 @@ def _rescore(
     )[:, :PRECISION_K]
 
 
+def _amounts(
+    embedder: Any,
+    texts: Sequence[str],
+    queries: np.ndarray,
+    vectors: np.ndarray,
+    predicted: dict[str, np.ndarray],
+    pool: Sequence[TileInfo],
+    rescoring: bool,
+) -> np.ndarray:
+    """Each query's top 10 as `geoseg search` ranks it with amounts: the pool tiles whose
+    predicted shares meet the query's amounts (`retrieval.amounts.in_range`) first, then the
+    rest, each group's top `RESCORE_TOP` (re-scored when `rescoring`)."""
+    classify = nearest_class(embedder)
+    documents = [tile_document(t) for t in pool] if rescoring else []
+    out = []
+    for text, q in zip(texts, queries, strict=True):
+        keep = in_range(predicted, parse_amounts(text, classify))
+        groups = (
+            [np.arange(len(pool))]
+            if keep is None
+            else [np.flatnonzero(keep), np.flatnonzero(~keep)]
+        )
+        ranked: list[int] = []
+        for rows in groups:
+            top = rows[np.argsort(-(vectors[rows] @ q), kind="stable")[:RESCORE_TOP]]
+            if rescoring and len(top):
+                docs = [documents[i] for i in top]
+                top = top[rescore_order(embedder, q, vectors[top] @ q, docs)]
+            ranked.extend(top.tolist())
+        out.append(ranked[:PRECISION_K])
+    return np.array(out)
+
+
 def _rerank(
     path: Path,
     texts: list[str],
@@ -266,6 +315,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         name = r["model"] + (" + reranker top-5" if r["reranker"] else "")
         name += f" + phrase re-scoring top-{RESCORE_TOP}" if r["rescored"] else ""
+        name += " + amounts" if r.get("amounts") else ""
         cells = [name, f"{r['pool']} ({r['tiles']})", str(r["answerable"])]
         for k in keys:
             s = r["summary"][k]

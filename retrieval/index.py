@@ -6,7 +6,8 @@ Layout of an index folder:
     shards/NNNNN.npz    embedded tiles, one file per `shard_size` tiles (resume unit)
     vectors.npy         all vectors (row i = metadata row i), memory-mapped for --like queries
     vectors.faiss       the search structure over them
-    metadata.parquet    GeoParquet: tile id, split, year, CRS, lon/lat bbox, class fractions, stats
+    metadata.parquet    GeoParquet: tile id, split, year, CRS, lon/lat bbox, class fractions, stats,
+                        class shares predicted from the image (pred_<class>, retrieval.amounts)
 
 Exact inner product (`IndexFlatIP`) up to `FLAT_MAX` tiles; above that an IVF index
 (`IndexIVFFlat`, √n lists) whose build time stays in minutes for 10⁶ tiles on a laptop, where
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
 META_FILE = "index.yaml"
 FAISS_FILE = "vectors.faiss"
 VECTORS_FILE = "vectors.npy"
+PREDICTED = "pred_"
+"""Metadata column prefix of the class shares predicted from a tile's image (`retrieval.amounts`);
+label shares are `frac_<class>`."""
 METADATA_FILE = "metadata.parquet"
 FLAT_MAX = 50_000
 """Up to this many tiles an exact scan is a few ms per query; above it an IVF index."""
@@ -82,17 +86,23 @@ def tile_document(tile: TileInfo) -> Document | None:
 
 
 @torch.inference_mode()
-def embed_tile_batch(embedder: Any, data: Path, batch: Sequence[TileInfo]) -> np.ndarray:
-    """(B, dim) float32 vectors of built tiles: the RGB image, fused with each tile's document
-    (`retrieval.captions.document`: its labels, LiDAR heights, NDVI, terrain written out)
-    when the embedder uses documents; a tile without labels (imagery the archive has no LiDAR
-    labels for) keeps its image vector. The one way index and evaluation embed a tile."""
+def embed_tile_batch(
+    embedder: Any, data: Path, batch: Sequence[TileInfo]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(B, dim) float32 vectors of built tiles and (B, C) class shares predicted from the image
+    (`retrieval.amounts.CompositionHead`; None when the embedder has no head). A vector is the
+    RGB image's, fused with the tile's document (`retrieval.captions.document`: its labels,
+    LiDAR heights, NDVI, terrain written out) when the embedder uses documents; a tile without
+    labels (imagery the archive has no LiDAR labels for) keeps its image vector. The shares
+    come from the image vector alone, never from labels. The one way index and evaluation
+    embed a tile."""
     images = torch.stack([tile_rgb(data, t.tile_id) for t in batch])
+    vectors = embedder.embed_tiles(images)
+    head = getattr(embedder, "composition", None)
+    shares = None if head is None else head.predict(vectors.float().cpu().numpy())
     if uses_documents(embedder):
-        vectors = embedder.embed_tiles(images, documents=[tile_document(t) for t in batch])
-    else:
-        vectors = embedder.embed_tiles(images)
-    return np.ascontiguousarray(vectors.float().cpu().numpy(), dtype=np.float32)
+        vectors = embedder.fuse_documents(vectors, [tile_document(t) for t in batch])
+    return np.ascontiguousarray(vectors.float().cpu().numpy(), dtype=np.float32), shares
 
 
 @dataclass(frozen=True)
@@ -174,21 +184,28 @@ def build_index(
     total = sum(len(s) for _, s in todo)
     bar = tqdm(total=total, desc="embedding", unit="tile", disable=not progress or total == 0)
     for k, shard in todo:
-        vectors = np.concatenate(
-            [
-                _embed(embedder, data, shard[i : i + batch_size], bar)
-                for i in range(0, len(shard), batch_size)
-            ]
-        )
+        parts = [
+            _embed(embedder, data, shard[i : i + batch_size], bar)
+            for i in range(0, len(shard), batch_size)
+        ]
+        arrays = {"vectors": np.concatenate([v for v, _ in parts])}
+        if parts[0][1] is not None:
+            arrays["shares"] = np.concatenate([p for _, p in parts])
         with atomic_path(_shard_path(out, k)) as tmp, open(tmp, "wb") as f:
-            np.savez(f, vectors=vectors, tile_ids=np.array([t.tile_id for t in shard]))
+            np.savez(f, **arrays, tile_ids=np.array([t.tile_id for t in shard]))
     bar.close()
-    vectors = np.concatenate([np.load(_shard_path(out, k))["vectors"] for k in range(len(shards))])
+    stored = [np.load(_shard_path(out, k)) for k in range(len(shards))]
+    vectors = np.concatenate([z["vectors"] for z in stored])
     kind = ("flat" if len(tiles) <= FLAT_MAX else "ivf") if kind == "auto" else kind
     with atomic_path(out / VECTORS_FILE) as tmp, open(tmp, "wb") as f:
         np.save(f, vectors)
     _write_faiss(out / FAISS_FILE, make_faiss(vectors, kind))
     frame = metadata_frame(tiles)
+    head = getattr(embedder, "composition", None)
+    if head is not None and all("shares" in z for z in stored):
+        shares = np.concatenate([z["shares"] for z in stored])
+        for j, c in enumerate(head.classes):
+            frame[f"{PREDICTED}{c}"] = shares[:, j].astype(np.float32)
     with atomic_path(out / METADATA_FILE) as tmp:
         frame.to_parquet(tmp, index=False)
     _write_yaml(out / META_FILE, meta | {"state": "complete", "kind": kind, "count": len(tiles)})
@@ -234,10 +251,12 @@ def _shard_done(out: Path, k: int, shard: list[TileInfo]) -> bool:
     return list(np.load(path)["tile_ids"]) == [t.tile_id for t in shard]
 
 
-def _embed(embedder: Embedder, data: Path, batch: list[TileInfo], bar: tqdm) -> np.ndarray:
-    vectors = embed_tile_batch(embedder, data, batch)
+def _embed(
+    embedder: Embedder, data: Path, batch: list[TileInfo], bar: tqdm
+) -> tuple[np.ndarray, np.ndarray | None]:
+    out = embed_tile_batch(embedder, data, batch)
     bar.update(len(batch))
-    return vectors
+    return out
 
 
 def make_faiss(vectors: np.ndarray, kind: str) -> faiss.Index:
@@ -358,6 +377,15 @@ class TileIndex:
     def vector(self, tile_id: str) -> np.ndarray:
         return np.array(self.vectors[self.row(tile_id)])
 
+    def predicted_shares(self) -> dict[str, np.ndarray]:
+        """Class -> (N,) shares predicted from the tiles' images (`pred_<class>` columns,
+        `retrieval.amounts`); empty for an index whose embedder has no composition head."""
+        return {
+            c.removeprefix(PREDICTED): self.tiles[c].to_numpy(np.float64)
+            for c in self.tiles.columns
+            if c.startswith(PREDICTED)
+        }
+
     def tile_info(self, row: int) -> TileInfo:
         """The label facts of an indexed tile, read back from its metadata row (`metadata_frame`):
         what its document (`retrieval.captions.document`) is written from."""
@@ -387,10 +415,14 @@ class TileIndex:
         k: int,
         filters: Filters = Filters(),
         exclude: Sequence[str] = (),
+        within: np.ndarray | None = None,
     ) -> list[list[tuple[int, float]]]:
-        """Top-k (row, score) per query vector, best first, within the filters."""
+        """Top-k (row, score) per query vector, best first, within the filters (and the rows
+        `within`, an (N,) bool mask, when given)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.faiss.d)
         mask = filters.mask(self.tiles)
+        if within is not None:
+            mask = within.copy() if mask is None else mask & within
         if exclude:  # unknown ids raise, as in `row`
             mask = np.ones(len(self.tiles), bool) if mask is None else mask
             mask[[self.row(t) for t in exclude]] = False

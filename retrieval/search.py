@@ -18,6 +18,7 @@ import torch
 from geoseg.builder.writers import atomic_path
 from geoseg.device import AUTO, resolve_device
 from geoseg.plot import plot_thumbnails
+from retrieval.amounts import in_range, nearest_class, parse_amounts
 from retrieval.data import read_rgb, tile_rgb
 from retrieval.index import (
     Filters,
@@ -71,11 +72,14 @@ def search(
     model: str | Path | None = None,
     reranker: str | Path | None = None,
     rescore: int = RESCORE_TOP,
+    amounts: bool = False,
     device: str | torch.device = AUTO,
 ) -> list[Hit]:
     """Top-k tiles for a query; a text query's top max(k, `rescore`) are re-ordered by their best
     document phrase (`retrieval.rescore`; 0 = off, image-only indexes have no documents); with
-    `reranker`, the top-5 are then re-ordered by its scores."""
+    `amounts`, tiles whose image-predicted class shares meet the amounts a text query asks for
+    ("a few trees", "no trees", `retrieval.amounts`) come first, each group ranked as above;
+    with `reranker`, the top-5 are then re-ordered by its scores."""
     query.validate()
     device = resolve_device(device)
     if k < 1:
@@ -86,6 +90,7 @@ def search(
         raise SearchIndexError("rescore must be >= 0")
     exclude: tuple[str, ...] = ()
     rescoring = False
+    keep = None
     if query.like is not None:
         vector = index.vector(query.like)
         exclude = (query.like,)
@@ -96,19 +101,37 @@ def search(
             if query.text is not None:
                 vector = embed_search_queries(embedder, [query.text.strip()])[0]
                 rescoring = rescore > 0 and uses_documents(embedder)
+                predicted = index.predicted_shares() if amounts else {}
+                if predicted:
+                    asked = parse_amounts(query.text, nearest_class(embedder))
+                    keep = in_range(predicted, asked)
             else:
                 vector = embedder.embed_tiles(read_rgb(Path(query.image))[None].to(device))[0]
         vector = vector.float().cpu().numpy()
     depth = max(k, rescore) if rescoring else k
     pairs = index.search(vector[None], depth, query.filters, exclude=exclude)[0]
-    if rescoring and pairs:
-        documents = [tile_document(index.tile_info(row)) for row, _ in pairs]
-        scores = np.array([score for _, score in pairs])
-        pairs = [pairs[i] for i in rescore_order(embedder, vector, scores, documents)]
+    groups = [pairs]
+    if keep is not None:  # the tiles meeting the amounts first, through a faiss selector
+        inside = index.search(vector[None], depth, query.filters, exclude=exclude, within=keep)
+        groups = [inside[0], [p for p in pairs if not keep[p[0]]]]
+    if rescoring:
+        groups = [_rescored(index, embedder, vector, g) for g in groups]
+    pairs = [p for g in groups for p in g]
     hits = [_hit(index, rank, row, score) for rank, (row, score) in enumerate(pairs[:k], 1)]
     if reranker is not None and hits:
         hits = rerank(index, query.text or "", hits, reranker, device)
     return hits
+
+
+def _rescored(
+    index: TileIndex, embedder: Any, vector: np.ndarray, pairs: list[tuple[int, float]]
+) -> list[tuple[int, float]]:
+    """(row, score) candidates re-ordered by their best document phrase (`retrieval.rescore`)."""
+    if not pairs:
+        return pairs
+    documents = [tile_document(index.tile_info(row)) for row, _ in pairs]
+    scores = np.array([score for _, score in pairs])
+    return [pairs[i] for i in rescore_order(embedder, vector, scores, documents)]
 
 
 def _hit(index: TileIndex, rank: int, row: int, score: float) -> Hit:

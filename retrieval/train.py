@@ -33,6 +33,7 @@ from torch import Tensor
 
 from geoseg.builder.writers import write_bytes_atomic
 from geoseg.device import resolve_device
+from retrieval.amounts import CompositionHead, fit_composition
 from retrieval.embedder import TileEmbedder, atomic_dir, create_embedder, load_embedder
 from retrieval.judge import Judge, JudgePair, LabelJudge, MLLMJudge
 from retrieval.losses import info_nce, listwise_loss, pointwise_loss
@@ -546,7 +547,42 @@ def train_retrieval(
             STAGE_FUNCTIONS[stage](run, embedder, tmp)
         run.log(stage=stage, done=True, seconds=round(time.time() - start, 1))
     _publish(out)
+    if (out / "embedder").is_dir():
+        head = _fit_composition(run, out / "embedder")
+        run.log(stage="composition", lam=head.lam, classes=list(head.classes))
     return out
+
+
+@torch.inference_mode()
+def _fit_composition(run: Run, folder: Path) -> CompositionHead:
+    """Fit the published embedder's composition head (`retrieval.amounts`: image vector ->
+    class shares) on the training tiles' labels, each tile also flipped and rotated (the same
+    shares), and save it beside the embedder."""
+    embedder = load_embedder(folder, run.device)
+    batches = np.array_split(np.arange(len(run.tiles)), -(-len(run.tiles) // 32))
+    views = [
+        lambda x: x,
+        lambda x: x.flip(-1),
+        lambda x: x.flip(-2),
+        lambda x: x.rot90(1, (-2, -1)),
+    ]
+    vectors = [
+        torch.cat(
+            [
+                embedder.embed_tiles(view(torch.stack([run.image(j) for j in b]).to(run.device)))
+                for b in batches
+            ]
+        )
+        .float()
+        .cpu()
+        .numpy()
+        for view in views
+    ]
+    classes = run.tiles[0].classes
+    shares = np.array([[t.class_fractions.get(c, 0.0) for c in classes] for t in run.tiles])
+    head = fit_composition(vectors[0], shares, classes, views=vectors[1:])
+    head.save(folder)
+    return head
 
 
 def _start_model(run: Run, stage: str) -> TileEmbedder:

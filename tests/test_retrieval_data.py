@@ -155,9 +155,10 @@ def test_tile_documents_write_out_every_wording_and_steer_the_tile_vector(build,
     assert docs[0] @ query > docs[1] @ query
     expected = 0.4 * plain + 0.6 * docs
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
-    assert np.allclose(embed_tile_batch(fused, build, pair), expected, atol=1e-5)
+    vectors, shares = embed_tile_batch(fused, build, pair)
+    assert np.allclose(vectors, expected, atol=1e-5) and shares is None  # no composition head
     unlabelled = dataclasses.replace(forest, class_fractions={})
-    assert np.allclose(embed_tile_batch(fused, build, [unlabelled]), plain[:1], atol=1e-5)
+    assert np.allclose(embed_tile_batch(fused, build, [unlabelled])[0], plain[:1], atol=1e-5)
     with pytest.raises(ValueError, match="document_weight"):
         create_embedder({"backbone": {"kind": "default"}, "document_weight": 1.0})
 

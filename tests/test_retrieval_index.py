@@ -452,3 +452,61 @@ def test_search_and_evaluation_rescore_the_top_candidates(documents_index, build
         ("index", False), ("index", True), ("unseen", False), ("unseen", True)
     ]  # fmt: skip
     assert f"phrase re-scoring top-{RESCORE_TOP}" in (tmp_path / "e" / "table.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def amounts_index(build: Path, tmp_path_factory) -> tuple[Path, TileEmbedder]:
+    """An image-only embedder with a composition head fitted on the training tiles' labels
+    (as train-retrieval fits it), and its index."""
+    from retrieval.amounts import fit_composition
+
+    folder = save_embedder(tmp_path_factory.mktemp("amemb") / "embedder", seed=2)
+    embedder = load_embedder(folder)
+    train = load_tiles(build, "train")
+    with torch.inference_mode():
+        images = torch.stack([tile_rgb(build, t.tile_id) for t in train])
+        vectors = embedder.embed_tiles(images).numpy()
+    shares = [[t.class_fractions[c] for c in t.classes] for t in train]
+    fit_composition(vectors, np.array(shares), train[0].classes).save(folder)
+    embedder = load_embedder(folder)
+    out = tmp_path_factory.mktemp("amidx") / "flat"
+    build_index(build, embedder, out, model=str(folder), batch_size=64, progress=False)
+    return out, embedder
+
+
+def test_amounts_rank_tiles_by_shares_predicted_from_the_image(amounts_index, build, tmp_path):
+    """The index stores the head's predictions from each image (not the label fractions);
+    a query with an amount ranks the tiles whose predictions meet it first, in faiss's order;
+    evaluation reports it as its own row."""
+    from retrieval.amounts import in_range, parse_amounts
+
+    path, embedder = amounts_index
+    idx = TileIndex.open(path)
+    tiles = load_tiles(build)
+    with torch.inference_mode():
+        images = torch.stack([tile_rgb(build, t.tile_id) for t in tiles[:5]])
+        expected = embedder.composition.predict(embedder.embed_tiles(images).numpy())
+    predicted = idx.predicted_shares()
+    assert list(predicted) == list(embedder.composition.classes)
+    got = np.stack([predicted[c][:5] for c in embedder.composition.classes], axis=1)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert not np.allclose(predicted["tree"], idx.tiles["frac_tree"])
+    text, k = "no trees at all", 30
+    keep = in_range(predicted, parse_amounts(text))
+    assert 0 < keep.sum() < len(keep)
+    plain = search(idx, Query(text=text), len(tiles))  # amounts are off by default
+    hits = search(idx, Query(text=text), k, amounts=True)
+    first = [h.tile_id for h in plain if keep[idx.row(h.tile_id)]]
+    rest = [h.tile_id for h in plain if not keep[idx.row(h.tile_id)]]
+    assert [h.tile_id for h in hits] == (first + rest)[:k]
+    assert [h.tile_id for h in search(idx, Query(text="forest"), k, amounts=True)] == [
+        h.tile_id for h in search(idx, Query(text="forest"), k)
+    ]  # no amount in the query: ranked as before
+    out = tmp_path / "hits.geojson"
+    args = ["search", text, "--index", str(path), "--k", str(k), "--out", str(out)]
+    assert CliRunner().invoke(main, [*args, "--amounts", "--no-thumbnails"]).exit_code == 0
+    assert [f["id"] for f in json.loads(out.read_text())["features"]] == [h.tile_id for h in hits]
+    rows = evaluate_retrieval(build, [idx.meta["model"]], tmp_path / "e")
+    mine = [(r["pool"], r["amounts"]) for r in rows if r["model"] == idx.meta["model"]]
+    assert mine == [("index", False), ("index", True), ("unseen", False), ("unseen", True)]
+    assert "+ amounts" in (tmp_path / "e" / "table.md").read_text()

@@ -64,6 +64,9 @@ def test_train_retrieval_all_stages_resume_and_held_out(sample_build: Path, tmp_
     stage3 = load_embedder(out / "stages" / "judge" / "embedder")
     assert embedder.fingerprint == stage3.fingerprint and embedder.visual_tokens() == 4
     assert embedder.embed_queries(["tall trees"]).shape == (1, 384)
+    # the image -> class-share head (retrieval.amounts), fitted on the training tiles
+    assert embedder.composition is not None
+    assert embedder.composition.classes == load_tiles(sample_build)[0].classes
     reranker = load_reranker(out / "reranker")
     assert reranker.score("tall trees", torch.rand(3, 3, 64, 64)).shape == (3,)
 
@@ -87,6 +90,7 @@ def test_train_retrieval_all_stages_resume_and_held_out(sample_build: Path, tmp_
         ("judge", "skipped"),
         ("reranker", "done"),
     ]
+    assert load_embedder(out / "embedder").composition is not None  # refitted on a rerun
     with pytest.raises(ValueError, match="another config"):
         train_retrieval(MICRO, sample_build, out, max_steps=2)
     with pytest.raises(ValueError, match="unknown stages"):
