@@ -8,8 +8,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.geoseg-installed
 DEMO   ?= runs/demo
-# The sample's 0.5 m RGBN scene (Lambert-93 site); its LiDAR comes from the sample STAC API.
-SCENE  := data_catalog/sample/assets/naip/fr_lambert93_0484_6633_050_2024.tif
+# A NEON TEAK plot of the sample's test split (conifers and clearings; a 0.1 m RGB orthophoto,
+# resampled to the model's 0.5 m as the build does); its LiDAR comes from the sample STAC API.
+PLOT   := data_catalog/sample/assets/naip/ca_teak_044_010_2017.tif
 
 .PHONY: demo test lint venv clean-demo screenshots
 
@@ -26,11 +27,11 @@ $(STAMP): pyproject.toml
 
 demo: venv
 	$(BIN)/geoseg build-dataset --catalog sample --out $(DEMO)/data
-	$(BIN)/geoseg train --config configs/ikdnet-tiny.yaml --data $(DEMO)/data --out $(DEMO)/run \
-	  --max-steps 150
+	$(BIN)/geoseg train --config configs/ikdnet-demo.yaml --data $(DEMO)/data --out $(DEMO)/run
 	$(BIN)/geoseg evaluate --checkpoint $(DEMO)/run/checkpoints/last.ckpt --data $(DEMO)/data \
 	  --split test --out $(DEMO)/eval
-	$(BIN)/geoseg predict --checkpoint $(DEMO)/run/checkpoints/last.ckpt --image $(SCENE) \
+	$(BIN)/rio warp $(PLOT) $(DEMO)/plot.tif --res 0.5 --resampling average --overwrite
+	$(BIN)/geoseg predict --checkpoint $(DEMO)/run/checkpoints/last.ckpt --image $(DEMO)/plot.tif \
 	  --catalog sample --out $(DEMO)/pred.tif --vector $(DEMO)/pred.gpkg
 	$(BIN)/geoseg train-retrieval --config configs/retrieval-tiny.yaml --data $(DEMO)/data \
 	  --out $(DEMO)/retrieval

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -334,3 +335,16 @@ def test_the_sample_config_trains(sample_build: Path, tmp_path: Path):
     card = json.loads((out / "model_card.json").read_text())
     assert card["model_kwargs"]["weights"] == "imagenet" and card["training"]["steps"] == 2
     assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_the_demo_config_is_the_sample_config_cut_short():
+    """`make demo` trains configs/ikdnet-demo.yaml: the sample config's model, data, loss and
+    seed, with a shorter schedule (docs/accuracy.md measures both)."""
+    sample, demo = (load_config(p) for p in (SAMPLE, CONFIGS / "ikdnet-demo.yaml"))
+    assert (demo.model, demo.loss, demo.seed) == (sample.model, sample.loss, sample.seed)
+    assert replace(demo.data, epoch_tiles=0) == replace(sample.data, epoch_tiles=0)
+
+    def steps(cfg):
+        return cfg.data.epoch_tiles * cfg.trainer.max_epochs // cfg.data.batch_size
+
+    assert (steps(demo), steps(sample)) == (250, 800)
