@@ -233,7 +233,11 @@ def test_dataset_views_move_image_mask_and_points_together(
     plain = train[index]
     views = [View(flip, turns) for flip in (False, True) for turns in range(4 if rotate else 1)]
     seen = set()
-    for seed in range(10):
+    # draw until every view has appeared (~22 draws expected for 8 views): a fixed small number
+    # of seeds made the coverage check depend on which tile is richest and on the RNG stream
+    for seed in range(64):
+        if len(seen) == len(views):
+            break
         aug.seed = seed
         sample = aug[index]
         matches = [
@@ -253,7 +257,7 @@ def test_dataset_views_move_image_mask_and_points_together(
         assert agreement[0] > agreement[1] + 0.1
         assert torch.equal(aug[index]["points"]["xyz"][0], sample["points"]["xyz"][0])  # seeded
         seen.add(view)
-    assert len(seen) > (4 if rotate else 1)
+    assert seen == set(views)
 
 
 def test_colour_jitter_changes_bands_affinely(train: N3CCalifornia) -> None:
