@@ -560,24 +560,13 @@ def _fit_composition(run: Run, folder: Path) -> CompositionHead:
     shares), and save it beside the embedder."""
     embedder = load_embedder(folder, run.device)
     batches = np.array_split(np.arange(len(run.tiles)), -(-len(run.tiles) // 32))
-    views = [
-        lambda x: x,
-        lambda x: x.flip(-1),
-        lambda x: x.flip(-2),
-        lambda x: x.rot90(1, (-2, -1)),
-    ]
-    vectors = [
-        torch.cat(
-            [
-                embedder.embed_tiles(view(torch.stack([run.image(j) for j in b]).to(run.device)))
-                for b in batches
-            ]
-        )
-        .float()
-        .cpu()
-        .numpy()
-        for view in views
-    ]
+    views = (0, 4, 6, 1)  # `dihedral`: as is, flipped left-right, flipped up-down, turned 90°
+    per_view: list[list[Tensor]] = [[] for _ in views]
+    for b in batches:
+        images = torch.stack([run.image(j) for j in b]).to(run.device)  # read once, all views
+        for got, view in zip(per_view, views, strict=True):
+            got.append(embedder.embed_tiles(dihedral(images, view)).float().cpu())
+    vectors = [torch.cat(v).numpy() for v in per_view]
     classes = run.tiles[0].classes
     shares = np.array([[t.class_fractions.get(c, 0.0) for c in classes] for t in run.tiles])
     head = fit_composition(vectors[0], shares, classes, views=vectors[1:])
