@@ -23,6 +23,12 @@ device_option = click.option(
     show_default=True,
     help="auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda, cuda:N or mps.",
 )
+tta_option = click.option(
+    "--tta/--no-tta",
+    default=None,
+    help="Average the 8 flips and quarter turns of every tile (8x the compute). Default: the "
+    "checkpoint's own setting (its training config's inference.tta).",
+)
 
 
 def _fail(message: str, code: int) -> None:
@@ -248,9 +254,16 @@ def train_cmd(
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
 @device_option
+@tta_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 def evaluate_cmd(
-    checkpoint: Path, data: Path, split: str, batch_size: int, device: str, out: Path
+    checkpoint: Path,
+    data: Path,
+    split: str,
+    batch_size: int,
+    device: str,
+    tta: bool | None,
+    out: Path,
 ) -> None:
     """Per-class IoU/F1/Acc, mIoU, OA, kappa and confusion matrices of a checkpoint on a split.
 
@@ -268,7 +281,7 @@ def evaluate_cmd(
     from geoseg.train.evaluate import evaluate
 
     try:
-        result = evaluate(checkpoint, data, split, out, batch_size, device)
+        result = evaluate(checkpoint, data, split, out, batch_size, device, tta)
     except (CheckpointError, DataError, DeviceError) as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     scores = result["pixels"]
@@ -276,7 +289,8 @@ def evaluate_cmd(
         f"{key} {'n/a' if scores[key] is None else format(scores[key], '.3f')}"
         for key in ("miou", "oa", "kappa")
     )
-    click.echo(f"{split}: {shown} over {result['tiles']} tiles; see {out / 'metrics.json'}")
+    how = " with TTA" if result["tta"] else ""
+    click.echo(f"{split}: {shown} over {result['tiles']} tiles{how}; see {out / 'metrics.json'}")
 
 
 @main.command("predict")
@@ -314,6 +328,7 @@ def evaluate_cmd(
     "scene, its metadata nor its file name gives one.",
 )
 @device_option
+@tta_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Class-map COG.")
 def predict_cmd(
     checkpoint: Path,
@@ -326,6 +341,7 @@ def predict_cmd(
     vector: Path | None,
     datetime_: str | None,
     device: str,
+    tta: bool | None,
     out: Path,
 ) -> None:
     """Class map of a whole scene (sliding windows, blended seams), with its LiDAR if needed.
@@ -350,7 +366,7 @@ def predict_cmd(
         item = predict(
             checkpoint, image, out, points=list(points) or None, stac_url=stac_url,
             catalog=catalog, overlap=overlap, batch_size=batch_size, vector=vector, device=device,
-            datetime=datetime_,
+            datetime=datetime_, tta=tta,
         )  # fmt: skip
     except (CheckpointError, PredictError, DeviceError) as exc:
         _fail(str(exc), EXIT_BAD_INPUT)

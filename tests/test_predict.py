@@ -17,6 +17,7 @@ from geoseg.models import create_model
 from geoseg.predict import blend_weights, predict, sliding, window_offsets
 from geoseg.train.metrics import predict_labels
 from geoseg.train.task import CONTRACT_KEY, load_model
+from geoseg.train.tta import forward
 from tests.utils import cli, one_line_error
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -79,6 +80,21 @@ def test_windows_cover_the_scene_and_weights_never_vanish():
 
 
 def test_prediction_matches_tilewise_prediction(checkpoint: Path, scene: Path, predicted: Path):
+    assert_tilewise(checkpoint, scene, predicted, tta=False)
+
+
+def test_tta_prediction_matches_tilewise_tta(checkpoint: Path, scene: Path, tmp_path: Path):
+    """--tta: every window is the mean of its 8 views, then windows blend as without."""
+    out = tmp_path / "tta.tif"
+    res = cli("predict", "--checkpoint", checkpoint, "--image", scene, "--out", out,
+              "--overlap", OVERLAP, "--tta")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.with_suffix(".json").read_text())["properties"]["geoseg:tta"] is True
+    assert_tilewise(checkpoint, scene, out, tta=True)
+
+
+def assert_tilewise(checkpoint: Path, scene: Path, predicted: Path, tta: bool) -> None:
+    """Where one window alone covers a pixel, the map holds that window's own prediction."""
     model, contract = load_model(checkpoint)
     size = contract["tile_size"]
     mean = np.asarray(contract["mean"], np.float32)[:, None, None]
@@ -101,7 +117,8 @@ def test_prediction_matches_tilewise_prediction(checkpoint: Path, scene: Path, p
         for left in cols:
             window = torch.from_numpy(normalised[None, :, top : top + size, left : left + size])
             with torch.inference_mode():
-                labels = predict_labels(model({"image": window, "points": None})["logits"])[0]
+                output = forward(model, {"image": window, "points": None}, tta)  # type: ignore[arg-type]
+                labels = predict_labels(output["logits"])[0]
             labels = labels.numpy()
             region = np.s_[top : top + size, left : left + size]
             alone = (coverage[region] == 1) & ~nodata[region]

@@ -14,9 +14,11 @@ import pytest
 import torch
 import yaml
 
+from geoseg.classes import build_classes
 from geoseg.datasets.n3c import N3CCalifornia, N3CDataModule, collate
 from geoseg.datasets.points import PointConfig
 from geoseg.train.config import ConfigError, load_config
+from geoseg.train.fit import make_contract
 from geoseg.train.task import CONTRACT_FORMAT, CheckpointError, load_model
 from tests.utils import cli, geoseg, one_line_error
 
@@ -128,6 +130,7 @@ def test_checkpoint_round_trip_carries_the_contract(run: Path, sample_build: Pat
     assert contract["class_names"][0] == "unlabeled" and len(contract["class_colors"]) == 5
     assert contract["points"]["num_points"] == 2048
     assert contract["model"] == "ikdnet" and not model.training
+    assert contract["tta"] is False  # the config's inference.tta default
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     weights = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     for key, value in model.state_dict().items():
@@ -202,6 +205,30 @@ def test_ddp_on_two_processes_logs_the_metrics_of_the_whole_val_split(
         assert got == pytest.approx(expected, rel=1e-6, nan_ok=True), key  # logged as float32
 
 
+def test_evaluate_with_tta_is_carded_apart(run: Path, sample_build: Path, tmp_path: Path):
+    """--tta against the checkpoint's default (plain) scores under "val (tta)", so the run's own
+    val (the best checkpoint's, from training) stays; a config can make TTA the default."""
+    card = json.loads((run / "model_card.json").read_text())
+    assert card["tta"] is False and "one forward pass" in (run / "model_card.md").read_text()
+    best = card["metrics"]["val"]
+    out = tmp_path / "eval"
+    res = cli("evaluate", "--checkpoint", run / "checkpoints" / best["checkpoint"],
+              "--data", sample_build, "--split", "val", "--tta", "--out", out)  # fmt: skip
+    assert res.exit_code == 0 and "with TTA" in res.stdout, res.output
+    result = json.loads((out / "metrics.json").read_text())
+    card = json.loads((run / "model_card.json").read_text())
+    assert result["tta"] is True and card["metrics"]["val (tta)"]["tta"] is True
+    assert card["metrics"]["val"] == best
+    assert card["metrics"]["val (tta)"]["miou"] == pytest.approx(result["pixels"]["miou"])
+    config = tmp_path / "tta.yaml"
+    config.write_text(TINY.read_text() + "inference: {tta: true}\n")
+    cfg = load_config(config)
+    assert cfg.inference.tta is True
+    dataset = N3CCalifornia(sample_build, "train", "rgbn", PointConfig(num_points=2048))
+    contract = make_contract(dataset, cfg, {}, build_classes(sample_build))
+    assert contract["tta"] is True
+
+
 def test_train_rejects_missing_data_and_bad_config(tmp_path: Path):
     res = cli("train", "--config", TINY, "--data", tmp_path / "nope", "--out", tmp_path / "r")
     assert res.exit_code == 2
@@ -218,7 +245,8 @@ def test_train_rejects_missing_data_and_bad_config(tmp_path: Path):
                         ("data: {normalise: imagenet1k}", "data.normalise"),
                         ("data: {epoch_tiles: 0}", "epoch_tiles"),
                         ("loss: {weight_offset: 0}", "weight_offset"),
-                        ("trainer: {threads: 0}", "trainer.threads")):  # fmt: skip
+                        ("trainer: {threads: 0}", "trainer.threads"),
+                        ("inference: {ttta: true}", "ttta")):  # fmt: skip
         bad.write_text(text + "\n")
         with pytest.raises(ConfigError, match=match):
             load_config(bad)

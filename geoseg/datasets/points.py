@@ -25,7 +25,7 @@ import numpy as np
 from affine import Affine
 
 from geoseg.classes import N3C, NOISE_CODES, point_labels
-from geoseg.models.batch import point_pyramid, pyramid_levels
+from geoseg.models.batch import Array, point_pyramid, pyramid_levels
 
 POINT_FEATURES = ("intensity", "return_number")
 """Per-point input features after xyz, as in the authors' loader (point_in_channels = 5); the
@@ -186,7 +186,12 @@ def _shape(size: int | tuple[int, int]) -> tuple[int, int]:
 class View:
     """A dihedral view of a tile: mirror left-right (`flip`), then `turns` quarter turns
     counter-clockwise (np.rot90). Applied to the image and mask (`apply`), the point pixels
-    (`pixels`) and the network's xyz (`xyz`) alike, so every modality sees the same scene."""
+    (`pixels`) and the network's xyz (`xyz`) alike, so every modality sees the same scene.
+
+    Every method takes numpy arrays and torch tensors alike, with any leading axes (a batch),
+    so test-time augmentation (`geoseg.train.tta`) moves a collated batch the way the dataset
+    moves one tile; `inverse` maps a prediction made in the view back to the tile.
+    """
 
     flip: bool = False
     turns: int = 0
@@ -197,27 +202,40 @@ class View:
         mirrored = flip and bool(rng.random() < 0.5)
         return View(mirrored, int(rng.integers(4)) if rotate else 0)
 
-    def apply(self, raster: np.ndarray) -> np.ndarray:
-        """The view of a (..., H, W) array (a copy: the result is contiguous)."""
-        out = raster[..., ::-1] if self.flip else raster
-        return np.ascontiguousarray(np.rot90(out, self.turns, axes=(-2, -1)))
+    @property
+    def inverse(self) -> View:
+        """The view that undoes this one: a mirrored view is its own inverse, turns go back."""
+        return View(self.flip, self.turns % 4 if self.flip else -self.turns % 4)
 
-    def pixels(self, pixels: np.ndarray, size: tuple[int, int]) -> None:
-        """Move integer (row, col) (N, 2) on an H x W grid to the view's grid, in place."""
+    def apply(self, raster: Array) -> Array:
+        """The view of a (..., H, W) array or tensor (a copy: the result is contiguous)."""
+        if isinstance(raster, np.ndarray):
+            out = raster[..., ::-1] if self.flip else raster
+            return np.ascontiguousarray(np.rot90(out, self.turns, axes=(-2, -1)))
+        out = raster.flip(-1) if self.flip else raster
+        return out.rot90(self.turns, (-2, -1)).contiguous()
+
+    def pixels(self, pixels: Array, size: tuple[int, int]) -> None:
+        """Move integer (row, col) (..., 2) on an H x W grid to the view's grid, in place."""
         height, width = size
         if self.turns % 2 and height != width:
             raise ValueError(f"quarter turns need a square tile, not {height}x{width}")
         if self.flip:
-            pixels[:, 1] = width - 1 - pixels[:, 1]
+            pixels[..., 1] = width - 1 - pixels[..., 1]
         for _ in range(self.turns % 4):  # (r, c) -> (W - 1 - c, r)
-            pixels[:, 0], pixels[:, 1] = width - 1 - pixels[:, 1], pixels[:, 0].copy()
+            row = width - 1 - pixels[..., 1]
+            pixels[..., 1] = pixels[..., 0]
+            pixels[..., 0] = row
 
-    def xyz(self, xyz: np.ndarray) -> None:
-        """Mirror x and turn (x, y) -> (-y, x) per quarter turn, in place (x east, y north)."""
+    def xyz(self, xyz: Array) -> None:
+        """Mirror x and turn (x, y) -> (-y, x) per quarter turn, in place (x east, y north);
+        xyz is (..., 3)."""
         if self.flip:
-            xyz[:, 0] *= -1.0
+            xyz[..., 0] *= -1.0
         for _ in range(self.turns % 4):
-            xyz[:, 0], xyz[:, 1] = -xyz[:, 1], xyz[:, 0].copy()
+            x = -xyz[..., 1]
+            xyz[..., 1] = xyz[..., 0]
+            xyz[..., 0] = x
 
 
 def points_to_pixels(

@@ -72,6 +72,7 @@ from geoseg.predict.points import (
 )
 from geoseg.train.metrics import predict_labels
 from geoseg.train.task import load_model
+from geoseg.train.tta import contract_tta, forward
 
 GSD_TOLERANCE = 0.10
 """Largest relative difference between the scene's pixel size and the contract's GSD."""
@@ -202,6 +203,7 @@ def predict(
     device: str = AUTO,
     datetime: str | None = None,
     progress: bool = True,
+    tta: bool | None = None,
 ) -> dict[str, Any]:
     """Write the class-map COG `out` (+ `<out stem>.json` STAC Item, optional GeoPackage).
 
@@ -209,7 +211,8 @@ def predict(
     any CRS) or from the COPC items a STAC API holds for the scene (`stac_url`, or `catalog`:
     "planetary-computer" / "sample"). `device` as in `resolve_device`. `datetime` (ISO) is the
     scene's acquisition time when the scene itself does not tell (see `geoseg.predict.item`).
-    Returns the STAC Item.
+    `tta`: average every window over its 8 flips and quarter turns (`geoseg.train.tta`);
+    None = the checkpoint's default. Returns the STAC Item.
     Raises `CheckpointError` for a file that is not a geoseg checkpoint, `PredictError` for input
     the contract rules out, `DeviceError` for a device not here, and `StacError` when the STAC
     API fails.
@@ -251,7 +254,10 @@ def predict(
             if sources
             else None
         )
-        engine = _Engine(model, src, contract, size, stride, batch_size, run_on, scene_points)
+        engine = _Engine(
+            model, src, contract, size, stride, batch_size, run_on, scene_points,
+            contract_tta(contract, tta),
+        )  # fmt: skip
         # Uncompressed, so rows flushed into partly written blocks cost no block rewrites.
         profile = {
             "driver": "GTiff", "width": src.width, "height": src.height, "count": 1,
@@ -276,6 +282,7 @@ def predict(
             "geoseg:model": contract["model"],
             "geoseg:checkpoint": str(checkpoint),
             "geoseg:device": str(run_on),
+            "geoseg:tta": engine.tta,
             "geoseg:windows": engine.windows,
             "geoseg:skipped_windows": engine.skipped,
         })  # fmt: skip
@@ -297,6 +304,7 @@ class _Engine:
     batch_size: int
     device: torch.device
     points: ScenePoints | None
+    tta: bool = False
     windows: int = 0
     skipped: int = 0
 
@@ -355,7 +363,7 @@ class _Engine:
         }
         on_gpu = self.device.type == "cuda"
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=on_gpu):
-            return self.model(batch)["logits"].float().cpu().numpy()
+            return forward(self.model, batch, self.tta)["logits"].float().cpu().numpy()
 
     def bands(self) -> int:
         """Row bands `run` predicts (the progress total): rows of windows per column block."""

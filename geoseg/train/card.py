@@ -139,6 +139,7 @@ def new_card(
         "gsd": contract["gsd"],
         "tile_size": contract["tile_size"],
         "needs_points": needs_points,
+        "tta": bool(contract.get("tta", False)),
         "metrics": {},
         "training": {},
         "intended_use": intended_use,
@@ -195,6 +196,13 @@ def markdown(card: dict[str, Any]) -> str:
         f"- input: bands {', '.join(card['bands'])}, {card['gsd']} m pixels, "
         f"{card['tile_size']} px tiles" + (", plus LiDAR points" if card["needs_points"] else ""),
         "- classes: " + ", ".join(c["name"] for c in card["classes"][1:]),
+        "- prediction: "
+        + (
+            "mean over each tile's 8 flips and quarter turns (test-time augmentation; "
+            "`--no-tta` turns it off)"
+            if card.get("tta")
+            else "one forward pass per tile (`--tta` averages its 8 flips and quarter turns)"
+        ),
         "- training pixels: " + ", ".join(f"{k} {v:,}" for k, v in card["train_pixels"].items()),
     ]
     training = card.get("training") or {}

@@ -129,6 +129,19 @@ class TrainerConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """How `geoseg evaluate` and `geoseg predict` run the trained model by default; written
+    into the checkpoint's contract, and their `--tta/--no-tta` override it.
+
+    `tta`: average the prediction over the 8 flips and quarter turns of every tile, image and
+    points moved together (`geoseg.train.tta`; 8x the inference compute). Validation during
+    training stays one plain forward pass: the best checkpoint is chosen on that.
+    """
+
+    tta: bool = False
+
+
+@dataclass
 class CardConfig:
     """What the run's model card says about use and limits beyond what geoseg derives itself
     (data, splits, classes absent from training, metrics)."""
@@ -142,13 +155,15 @@ class CardConfig:
 
 @dataclass
 class TrainConfig:
-    """A whole run: model, data, optimiser, loss, trainer and the seed of everything."""
+    """A whole run: model, data, optimiser, loss, trainer, inference defaults, the model card's
+    words and the seed of everything."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     card: CardConfig = field(default_factory=CardConfig)
     seed: int = 0
 
@@ -162,6 +177,7 @@ _SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "loss": LossConfig,
     "trainer": TrainerConfig,
+    "inference": InferenceConfig,
     "card": CardConfig,
 }
 

@@ -29,6 +29,7 @@ from geoseg.train.metrics import (
     save_confusion,
 )
 from geoseg.train.task import load_model, update_point_confusion
+from geoseg.train.tta import contract_tta, forward
 
 
 def _dataset(data: Path, split: str, contract: dict[str, Any]) -> N3CCalifornia:
@@ -70,9 +71,14 @@ def evaluate(
     out: str | Path,
     batch_size: int = 2,
     device: str = AUTO,
+    tta: bool | None = None,
 ) -> dict[str, Any]:
     """Write OUT/metrics.json and confusion matrices (JSON + PNG) for pixels (and points), and
     add the split's scores to the model card of the checkpoint's run when there is one.
+
+    `tta`: average the 8 dihedral views (`geoseg.train.tta`); None = the checkpoint's default.
+    Scores made another way than the run's default are carded under "SPLIT (tta)" or
+    "SPLIT (no tta)", so they never replace the run's own.
 
     Pixel metrics are the headline (the paper's), with a constant-map baseline beside them;
     point models also get point metrics, over every point of the tiles.
@@ -82,6 +88,7 @@ def evaluate(
     data, out = Path(data), Path(out)
     run_on = resolve_device(device)
     model, contract = load_model(checkpoint)
+    use_tta = contract_tta(contract, tta)
     dataset = _dataset(data, split, contract)
     model.to(run_on)
     if run_on.type == "cuda":
@@ -95,7 +102,8 @@ def evaluate(
     ):
         for batch in loader:
             batch = move_data_to_device(batch, run_on)
-            output = model({"image": batch["image"], "points": batch["points"]})
+            inputs = {"image": batch["image"], "points": batch["points"]}
+            output = forward(model, inputs, use_tta)  # type: ignore[arg-type]
             pixels.update(predict_labels(output["logits"]), batch["mask"])
             if output["point_logits"] is not None:
                 update_point_confusion(points, output["point_logits"], batch)
@@ -106,6 +114,7 @@ def evaluate(
         "split": split,
         "tiles": len(dataset),
         "model": contract["model"],
+        "tta": use_tta,
         "pixels": save_confusion(pixels, out / "confusion.json", out / "confusion.png", names),
         "points": None,
         "protocol": benchmark_metrics(data, pixels, names),
@@ -128,9 +137,12 @@ def evaluate(
         same = Path(card["data"]["path"]) == data.resolve()
         entry = metrics_entry(
             card, pixels.matrix, points.matrix, Path(checkpoint).name,
-            tiles=len(dataset), data=str(data.resolve()),
+            tiles=len(dataset), data=str(data.resolve()), tta=use_tta,
         )  # fmt: skip
-        add_metrics(run, split if same else f"{split} ({data.resolve().name})", entry)
+        key = split if same else f"{split} ({data.resolve().name})"
+        if use_tta != contract_tta(contract, None):
+            key += " (tta)" if use_tta else " (no tta)"
+        add_metrics(run, key, entry)
     return payload
 
 

@@ -169,6 +169,7 @@ def make_contract(
         **classes.contract_keys(),
         "points": points,
         "seed": cfg.seed,
+        "tta": cfg.inference.tta,
     }
 
 
