@@ -75,16 +75,17 @@ def grammar_phrases() -> list[str]:
 EVAL2_QUERIES = QUERY_DIR / "eval2.yaml"
 EVAL3_QUERIES = QUERY_DIR / "eval3.yaml"
 EVAL4_QUERIES = QUERY_DIR / "eval4.yaml"
+EVAL5_QUERIES = QUERY_DIR / "eval5.yaml"
 
 
 def test_query_files_parse_and_are_disjoint():
     evaluation, dev = load_queries(EVAL_QUERIES), load_queries(DEV_QUERIES)
-    fresh = [load_queries(p) for p in (EVAL2_QUERIES, EVAL3_QUERIES, EVAL4_QUERIES)]
+    fresh = [load_queries(p) for p in (EVAL2_QUERIES, EVAL3_QUERIES, EVAL4_QUERIES, EVAL5_QUERIES)]
     assert len(evaluation) >= 25 and all(len(f) >= 25 for f in fresh) and len(dev) >= 8
     dev += [q for path in sorted(QUERY_DIR.glob("dev?*.yaml")) for q in load_queries(path)]
     assert not {q.text for q in evaluation} & {q.text for q in dev}
-    # eval2.yaml, eval3.yaml and then eval4.yaml, each written after the sets before it, share
-    # no two-word phrase with any of them
+    # eval2.yaml ... eval5.yaml, each written after the sets before it, share no two-word
+    # phrase with any of them
     earlier = evaluation + dev
     for queries in fresh:
         others = set().union(*(bigrams(q.text) for q in earlier))
@@ -95,8 +96,8 @@ def test_query_files_parse_and_are_disjoint():
 
 @pytest.mark.parametrize(
     "path",
-    [EVAL_QUERIES, EVAL2_QUERIES, EVAL3_QUERIES, EVAL4_QUERIES],
-    ids=["eval", "eval2", "eval3", "eval4"],
+    [EVAL_QUERIES, EVAL2_QUERIES, EVAL3_QUERIES, EVAL4_QUERIES, EVAL5_QUERIES],
+    ids=["eval", "eval2", "eval3", "eval4", "eval5"],
 )
 def test_evaluation_queries_share_no_phrase_with_the_caption_grammar(path):
     """ "No shared phrases": no two consecutive words of an evaluation query occur together in
