@@ -1,4 +1,5 @@
-"""Negation in typed queries: "no trees at all", "fields without trees", "treeless plain".
+"""Negation in typed queries: "no trees at all", "fields without trees", "treeless plain",
+"tree-free farmland", "open acreage, trees absent".
 
 A sentence encoder reads "no trees" as being about trees (MiniLM puts it next to "trees"), so a
 negated query used to rank forests first. Search therefore splits a query into what it asks for
@@ -19,15 +20,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _CUE = re.compile(
-    r"\b(?:no|not|without|nothing|free (?:of|from)|devoid of|lacking)\s+(?:any\s+)?"
+    r"\b(?:no|not|without|nothing|zero|minus|free (?:of|from)|(?:devoid|bare|empty|clear) of"
+    r"|absence of|lacking)\s+(?:any\s+)?"
     r"(?P<negated>[^,;]*?)(?:\s+at all)?\s*(?=$|[,;]|\s(?:and|but)\b)",
     re.IGNORECASE,
 )
 """A negation cue and the phrase it governs, up to punctuation, "and"/"but" or the end; "or"
 continues it ("no trees or houses" negates both)."""
+_POSTFIX = re.compile(
+    r"(?:^|(?<=[,;])|\b(?:and|but|with)\b)\s*"
+    r"(?P<negated>(?:(?!\b(?:and|but|with)\b)[^,;])*?)\s+(?:absent|missing)\b",
+    re.IGNORECASE,
+)
+"""A phrase and a negation cue after it ("open acreage, trees absent"): the phrase runs back to the
+start, punctuation or "and"/"but"/"with"."""
 _OR = re.compile(r"\s+(?:or|nor)\s+", re.IGNORECASE)
-_PRIVATIVE = re.compile(r"\b(?P<negated>\w{3,})less\b", re.IGNORECASE)
-"""'treeless', 'roofless': the stem is negated."""
+_PRIVATIVE = re.compile(r"\b(?P<negated>\w{3,})(?:less|-free)\b", re.IGNORECASE)
+"""'treeless', 'roofless', 'tree-free': the stem is negated."""
 _NOT_PRIVATIVE = frozenset(
     {"regardless", "nevertheless", "endless", "countless", "timeless", "seamless", "useless"}
 )
@@ -54,7 +63,7 @@ def split_negation(text: str) -> tuple[str, tuple[str, ...]]:
         negated.extend(_OR.split(match["negated"].strip()))
         return " "
 
-    rest = _PRIVATIVE.sub(cut, _CUE.sub(cut, text))
+    rest = _PRIVATIVE.sub(cut, _CUE.sub(cut, _POSTFIX.sub(cut, text)))
     negated = [n for n in negated if n]
     if not negated:
         return text.strip(), ()
