@@ -76,7 +76,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "unet": {
         "what": "U-Net, IKD-Net's image branch alone (= IKD-Net without points, pretrained)",
         "model": "unet",
-        "drop": ("point_widths", "ckg_channels", "ckg_unlabeled"),
+        "drop": ("point_widths", "ckg_channels", "ckg_unlabeled", "point_vote"),
     },
     "smp-unet": {
         "what": "smp U-Net, EfficientNet-Lite0 encoder, random init",

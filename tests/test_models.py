@@ -7,8 +7,8 @@ import torch
 
 from geoseg.classes import CLASS_NAMES
 from geoseg.models import MODELS, IKDNet, UNet, create_model, make_dummy_batch
-from geoseg.models.batch import Batch, neighbour_indices
-from geoseg.models.fusion import CKG, GKG, DimensionSensor
+from geoseg.models.batch import Batch, class_probabilities, neighbour_indices
+from geoseg.models.fusion import CKG, GKG, DimensionSensor, PointVote, top_point_map
 from geoseg.models.neighbors import grid_knn
 from geoseg.models.randlanet import (
     LFA,
@@ -162,6 +162,56 @@ def test_ckg_class_map_excludes_the_untrained_unlabeled_score(
         last.bias[0].add_(3.0)
         after = model(batch)["logits"]
     assert torch.equal(before, after) != ckg_unlabeled
+
+
+def test_top_point_map_keeps_each_pixels_highest_point() -> None:
+    """The labels' own rule (highest labelled point wins), on predictions: a canopy point above
+    a ground return of the same pixel decides it, whatever the order of the points."""
+    values = torch.tensor([[[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]]])  # B=1, N=4, C=2
+    z = torch.tensor([[1.0, 12.0, 0.5, 3.0]])
+    pixels = torch.tensor([[[2, 3], [2, 3], [0, 0], [3, 3]]])
+    grid = top_point_map(values, z, pixels, (4, 4))
+    assert torch.equal(grid[0, :, 2, 3], values[0, 1])  # the 12 m point, not the 1 m one
+    assert torch.equal(grid[0, :, 0, 0], values[0, 2])
+    assert torch.equal(grid[0, :, 3, 3], values[0, 3])
+    assert grid[0].isnan().all(0).sum() == 16 - 3  # pixels under no point are empty
+    flipped = top_point_map(values.flip(1), z.flip(1), pixels.flip(1), (4, 4))
+    assert torch.equal(flipped.nan_to_num(-1), grid.nan_to_num(-1))
+
+
+def test_point_vote_averages_pixel_and_point_probabilities() -> None:
+    torch.manual_seed(0)
+    logits, point_logits = torch.randn(1, 5, 4, 4), torch.randn(1, 3, 5)
+    z, pixels = torch.tensor([[0.0, 5.0, 1.0]]), torch.tensor([[[1, 1], [1, 1], [2, 0]]])
+    probs = PointVote()(logits, point_logits, z, pixels)[:, 1:].exp()
+    image, points = logits[:, 1:].softmax(1), point_logits[..., 1:].softmax(2)
+    assert torch.allclose(probs.sum(1), torch.ones(1, 4, 4))
+    assert torch.allclose(probs[0, :, 1, 1], (image[0, :, 1, 1] + points[0, 1]) / 2)
+    assert torch.allclose(probs[0, :, 2, 0], (image[0, :, 2, 0] + points[0, 2]) / 2)
+    assert torch.allclose(probs[0, :, 3, 3], image[0, :, 3, 3])  # no point: the image alone
+
+
+def test_point_vote_acts_at_inference_only(batch: Batch) -> None:
+    """Training (and so the checkpoint) is the same with or without the vote; eval outputs
+    differ only on pixels under a point."""
+    plain, voting = tiny_ikdnet(), tiny_ikdnet(point_vote=True)
+    trained = []
+    for model in (plain, voting):
+        torch.manual_seed(1)  # the same dropout masks
+        trained.append(model(batch)["logits"])
+    assert torch.equal(*trained)  # train mode
+    plain.eval(), voting.eval()
+    with torch.no_grad():
+        before, after = plain(batch), voting(batch)
+    assert torch.equal(before["point_logits"], after["point_logits"])
+    cells = batch["points"]["pixels"][0]
+    covered = torch.zeros(2, SIZE * SIZE, dtype=torch.bool)
+    covered.scatter_(1, cells[..., 0] * SIZE + cells[..., 1], True)
+    covered = covered.view(2, SIZE, SIZE)
+    moved = class_probabilities(before["logits"], 1) - class_probabilities(after["logits"], 1)
+    changed = moved.abs().amax(1) > 1e-5
+    assert changed.any() and not (changed & ~covered).any()
+    assert tiny_ikdnet(point_vote=True, use_points=False).vote is None
 
 
 def test_ablations_change_the_graph(batch: Batch) -> None:

@@ -256,6 +256,26 @@ def test_points_baselines_and_lidar_bands_predict(
     assert labels.shape == (160, 170) and set(np.unique(labels)) <= {1, 2, 3, 4}
 
 
+def test_point_vote_checkpoint_predicts_a_scene(
+    checkpoint: Path, scene: Path, predicted: Path, tmp_path: Path
+):
+    """`point_vote` is a model keyword without weights: the same weights load strictly under a
+    contract that turns it on, and the scene goes through the windows with the vote."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    kwargs = ckpt[CONTRACT_KEY]["model_kwargs"]
+    ckpt[CONTRACT_KEY]["model_kwargs"] = {**kwargs, "point_vote": True}
+    torch.save(ckpt, tmp_path / "vote.ckpt")
+    model, _ = load_model(tmp_path / "vote.ckpt")
+    assert model.vote is not None
+    out = tmp_path / "pred.tif"
+    res = cli("predict", "--checkpoint", tmp_path / "vote.ckpt", "--image", scene,
+              "--points", COPC, "--out", out, "--overlap", OVERLAP)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    labels, plain = read_labels(out), read_labels(predicted)
+    assert labels.shape == plain.shape and set(np.unique(labels)) <= {0, 1, 2, 3, 4}
+    np.testing.assert_array_equal(labels == 0, plain == 0)  # the same nodata
+
+
 def test_bad_point_inputs_fail_in_one_line(
     checkpoint: Path, scene: Path, copc_points: laspy.LasData, tmp_path: Path
 ):

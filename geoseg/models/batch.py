@@ -14,6 +14,7 @@ points on the image grid halved l times, so point features can be placed under t
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import TypedDict, TypeVar
 
@@ -67,6 +68,22 @@ class ModelOutput(TypedDict):
     logits: Tensor
     point_logits: Tensor | None
     gates: list[Tensor] | None
+
+
+def class_probabilities(logits: Tensor, dim: int) -> Tensor:
+    """Softmax over the real classes (index 1 on) along `dim`, in float32: the class-0
+    ("unlabeled") score is never trained, so it takes no share of the probability."""
+    return logits.narrow(dim, 1, logits.shape[dim] - 1).float().softmax(dim)
+
+
+def probabilities_as_logits(probabilities: Tensor, dim: int) -> Tensor:
+    """log of the real classes' probabilities with class 0 in front at the floor (finite), so
+    that arg-max, a softmax or a cross-entropy read them as they read a model's logits."""
+    floor = torch.finfo(probabilities.dtype).tiny
+    log = probabilities.clamp_min(floor).log()
+    shape = list(log.shape)
+    shape[dim] = 1
+    return torch.cat([log.new_full(shape, math.log(floor)), log], dim)
 
 
 def pyramid_levels(

@@ -1,9 +1,12 @@
-"""IKD-Net's 2D–3D fusion blocks: Dimension Sensor, GKG spatial gate, CKG class attention."""
+"""IKD-Net's 2D–3D fusion blocks: Dimension Sensor, GKG spatial gate, CKG class attention, and
+our inference-time point vote."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from geoseg.models.batch import class_probabilities, probabilities_as_logits
 
 
 class DimensionSensor(nn.Module):
@@ -83,3 +86,41 @@ class CKG(nn.Module):
         attention = centres.softmax(dim=-1).transpose(1, 2)  # B × C' × K
         attended = torch.bmm(attention, class_map).view(b, -1, h, w)
         return self.classify(torch.cat([self.project(attended), features], dim=1))
+
+
+def top_point_map(values: Tensor, z: Tensor, pixels: Tensor, size: tuple[int, int]) -> Tensor:
+    """values (B, N, C) of the points, z (B, N), pixels (B, N, 2) (row, col) -> (B, C, H, W):
+    each pixel holds the values of its highest point (ties: their per-channel maximum), the
+    rule the pixel labels are made with (`geoseg.builder.rasterize`); pixels under no point
+    hold NaN."""
+    b, _, c = values.shape
+    h, w = size
+    flat = pixels[..., 0] * w + pixels[..., 1]
+    top = z.new_full((b, h * w), -torch.inf).scatter_reduce(1, flat, z, "amax")
+    highest = z >= top.gather(1, flat)
+    source = values.masked_fill(~highest.unsqueeze(-1), -torch.inf).transpose(1, 2)
+    grid = values.new_full((b, c, h * w), -torch.inf)
+    grid = grid.scatter_reduce(2, flat.unsqueeze(1).expand(-1, c, -1), source, "amax")
+    return grid.masked_fill(grid == -torch.inf, torch.nan).view(b, c, h, w)
+
+
+class PointVote(nn.Module):
+    """Late fusion at inference (ours, not the paper's): on every pixel under a point, the
+    pixel head's class probabilities are averaged with those the point branch gives the
+    pixel's highest point; other pixels keep the pixel head's.
+
+    Why: the pixel labels *are* the highest labelled LiDAR point's class, and the point branch,
+    which sees heights, scores far higher on the points than the pixel head on the pixels
+    (docs/accuracy.md). Each head is trained on its own labels (L_img, L_pc) as in the released
+    code; the vote only combines them, so it acts in eval mode only (as dropout acts in
+    training only) and a checkpoint trained without it can be scored with it.
+    Returns logits in the form of `probabilities_as_logits`.
+    """
+
+    def forward(self, logits: Tensor, point_logits: Tensor, z: Tensor, pixels: Tensor) -> Tensor:
+        """logits (B, K, H, W), point_logits (B, N, K), z (B, N), pixels (B, N, 2)."""
+        image = class_probabilities(logits, 1)
+        points = class_probabilities(point_logits, 2)
+        votes = top_point_map(points, z.float(), pixels, logits.shape[-2:])
+        mixed = torch.where(votes.isnan(), image, (image + votes) / 2)
+        return probabilities_as_logits(mixed, 1)

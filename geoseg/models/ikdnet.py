@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from geoseg.models.batch import Batch, ModelOutput
-from geoseg.models.fusion import CKG, GKG, DimensionSensor
+from geoseg.models.fusion import CKG, GKG, DimensionSensor, PointVote
 from geoseg.models.randlanet import RandLANet
 from geoseg.models.unet import UNet
 
@@ -33,6 +33,9 @@ class IKDNet(nn.Module):
     in docs/ikdnet.md, "CKG classes", measured the two).
 
     encoder/weights: a pretrained image encoder instead of U-Net's from-scratch one (`UNet`).
+
+    point_vote: in eval mode, average the pixel probabilities with the point branch's for the
+    highest point on each pixel (`PointVote`; ours, beyond the paper). Training is unchanged.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class IKDNet(nn.Module):
         ckg_unlabeled: bool = False,
         encoder: str | None = None,
         weights: str | None = None,
+        point_vote: bool = False,
     ) -> None:
         super().__init__()
         if len(widths) != len(point_widths):
@@ -66,6 +70,7 @@ class IKDNet(nn.Module):
         self.gkg = nn.ModuleList(GKG() for _ in widths) if use_gkg else None
         self.ckg = CKG(self.image.out_channels, ckg_channels, num_classes) if use_ckg else None
         self.ckg_first_class = 0 if ckg_unlabeled else 1
+        self.vote = PointVote() if use_points and point_vote else None
 
     def forward(self, batch: Batch) -> ModelOutput:
         if self.points is None:
@@ -91,5 +96,8 @@ class IKDNet(nn.Module):
             scores = point_out.logits[..., self.ckg_first_class :].transpose(1, 2)
             coarse = self.sensor(scores, points["pixels"][0], features.shape[-2:])
             logits = self.ckg(features, coarse)
+        if self.vote is not None and not self.training:
+            z, cells = points["xyz"][0][..., 2], points["pixels"][0]
+            logits = self.vote(logits, point_out.logits, z, cells)
         gate_list = gates if self.gkg is not None else None
         return ModelOutput(logits=logits, point_logits=point_out.logits, gates=gate_list)

@@ -17,14 +17,17 @@ reads a model's logits. Costs one forward pass per view.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from geoseg.datasets.points import View
-from geoseg.models.batch import Batch, ModelOutput
+from geoseg.models.batch import (
+    Batch,
+    ModelOutput,
+    class_probabilities,
+    probabilities_as_logits,
+)
 
 VIEWS = tuple(View(flip, turns) for flip in (False, True) for turns in range(4))
 """The 8 dihedral views, the identity first."""
@@ -46,20 +49,6 @@ def view_batch(batch: Batch, view: View) -> Batch:
     return Batch(image=image, points={**points, "xyz": xyz, "pixels": pixels})
 
 
-def _probabilities(logits: Tensor, dim: int) -> Tensor:
-    """Softmax over the real classes (index 1 on) along `dim`, in float32."""
-    return logits.narrow(dim, 1, logits.shape[dim] - 1).float().softmax(dim)
-
-
-def _as_logits(probabilities: Tensor, dim: int) -> Tensor:
-    """log of the real classes' probabilities with class 0 in front at the floor (finite)."""
-    floor = torch.finfo(probabilities.dtype).tiny
-    log = probabilities.clamp_min(floor).log()
-    shape = list(log.shape)
-    shape[dim] = 1
-    return torch.cat([log.new_full(shape, math.log(floor)), log], dim)
-
-
 def predict_views(model: nn.Module, batch: Batch, views: Sequence[View] = VIEWS) -> ModelOutput:
     """The model's output averaged over `views` (default: all 8): `logits` (B, K, H, W) and
     `point_logits` (B, N, K) are the log of the mean probabilities (see the module docstring);
@@ -68,15 +57,15 @@ def predict_views(model: nn.Module, batch: Batch, views: Sequence[View] = VIEWS)
     points: Tensor | None = None
     for view in views:
         out = model(view_batch(batch, view))
-        probs = view.inverse.apply(_probabilities(out["logits"], 1))
+        probs = view.inverse.apply(class_probabilities(out["logits"], 1))
         pixels = probs if pixels is None else pixels + probs
         if out["point_logits"] is not None:
-            point_probs = _probabilities(out["point_logits"], 2)
+            point_probs = class_probabilities(out["point_logits"], 2)
             points = point_probs if points is None else points + point_probs
     assert pixels is not None, "no views"
     return ModelOutput(
-        logits=_as_logits(pixels / len(views), 1),
-        point_logits=None if points is None else _as_logits(points / len(views), 2),
+        logits=probabilities_as_logits(pixels / len(views), 1),
+        point_logits=None if points is None else probabilities_as_logits(points / len(views), 2),
         gates=None,
     )
 
