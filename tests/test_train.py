@@ -367,10 +367,18 @@ def test_the_sample_config_trains(sample_build: Path, tmp_path: Path):
 
 def test_the_demo_config_is_the_sample_config_cut_short():
     """`make demo` trains configs/ikdnet-demo.yaml: the sample config's model, data, loss and
-    seed, with a shorter schedule (docs/accuracy.md measures both)."""
+    seed, with a shorter schedule, less its point vote and 4096 points: after 250 steps the
+    point branch is too raw to vote (TEAK test mIoU 0.38 with both, 0.55 with 4096 points and
+    no vote, 0.60 as shipped; docs/accuracy.md measures them), and 2048 points cost less."""
     sample, demo = (load_config(p) for p in (SAMPLE, CONFIGS / "ikdnet-demo.yaml"))
-    assert (demo.model, demo.loss, demo.seed) == (sample.model, sample.loss, sample.seed)
-    assert replace(demo.data, epoch_tiles=0) == replace(sample.data, epoch_tiles=0)
+    plain = {k: v for k, v in sample.model.kwargs.items() if k != "point_vote"}
+    assert sample.model.kwargs["point_vote"] and "point_vote" not in demo.model.kwargs
+    assert (demo.model.name, demo.model.kwargs, demo.loss, demo.seed) == (
+        sample.model.name, plain, sample.loss, sample.seed,
+    )  # fmt: skip
+    points = sample.data.points | {"num_points": 2048}
+    assert sample.data.points["num_points"] == 4096
+    assert replace(demo.data, epoch_tiles=0) == replace(sample.data, epoch_tiles=0, points=points)
 
     def steps(cfg):
         return cfg.data.epoch_tiles * cfg.trainer.max_epochs // cfg.data.batch_size
