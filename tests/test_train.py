@@ -363,6 +363,8 @@ def test_the_sample_config_trains(sample_build: Path, tmp_path: Path):
     card = json.loads((out / "model_card.json").read_text())
     assert card["model_kwargs"]["weights"] == "imagenet" and card["training"]["steps"] == 2
     assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert "(point vote)" in (out / "model_card.md").read_text()
+    assert any(limit.startswith("Point vote:") for limit in card["limits"])  # the QGIS dialog's
 
 
 def test_the_demo_config_is_the_sample_config_cut_short():

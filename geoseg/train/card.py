@@ -123,6 +123,12 @@ def new_card(
         derived.append(f"No training pixels of: {', '.join(absent)}; it cannot have learnt them.")
     if needs_points:
         derived.append("Needs the scene's LiDAR points (COPC/LAZ) as well as the image.")
+    if contract["model_kwargs"].get("point_vote"):
+        derived.append(
+            "Point vote: a pixel under a LiDAR point takes half its class probabilities from the "
+            "point branch, so the map there follows the LiDAR; where the LiDAR is sparse the "
+            "image decides, and where it is older than the image the map shows the LiDAR's date."
+        )
     return {
         "format": CARD_FORMAT,
         "model": contract["model"],
@@ -202,6 +208,12 @@ def markdown(card: dict[str, Any]) -> str:
             "`--no-tta` turns it off)"
             if card.get("tta")
             else "one forward pass per tile (`--tta` averages its 8 flips and quarter turns)"
+        )
+        + (
+            "; on pixels under a LiDAR point, the image's class probabilities are averaged with"
+            " the point branch's for the pixel's highest point (point vote)"
+            if card.get("model_kwargs", {}).get("point_vote")
+            else ""
         ),
         "- training pixels: " + ", ".join(f"{k} {v:,}" for k, v in card["train_pixels"].items()),
     ]
