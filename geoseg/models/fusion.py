@@ -93,15 +93,13 @@ def top_point_map(values: Tensor, z: Tensor, pixels: Tensor, size: tuple[int, in
     each pixel holds the values of its highest point (ties: their per-channel maximum), the
     rule the pixel labels are made with (`geoseg.builder.rasterize`); pixels under no point
     hold NaN."""
-    b, _, c = values.shape
     h, w = size
     flat = pixels[..., 0] * w + pixels[..., 1]
-    top = z.new_full((b, h * w), -torch.inf).scatter_reduce(1, flat, z, "amax")
+    top = z.new_full((z.shape[0], h * w), -torch.inf).scatter_reduce(1, flat, z, "amax")
     highest = z >= top.gather(1, flat)
     source = values.masked_fill(~highest.unsqueeze(-1), -torch.inf).transpose(1, 2)
-    grid = values.new_full((b, c, h * w), -torch.inf)
-    grid = grid.scatter_reduce(2, flat.unsqueeze(1).expand(-1, c, -1), source, "amax")
-    return grid.masked_fill(grid == -torch.inf, torch.nan).view(b, c, h, w)
+    grid = DimensionSensor.scatter(source, pixels, size)  # every point cell holds a top point
+    return grid.masked_fill(top.isinf().view(-1, 1, h, w), torch.nan)
 
 
 class PointVote(nn.Module):
