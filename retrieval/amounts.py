@@ -1,34 +1,41 @@
-"""Amounts in typed queries ("a few trees", "mostly woods", "about 40 % forest", "no trees"),
-answered from the IMAGE, never from the tiles' labels.
+"""Amounts and measures in typed queries ("a few trees", "about 40 % forest", "no buildings",
+"trees over 30 m", "flat", "bare soil"), checked on what the archive knows about each tile.
 
-A sentence encoder hardly separates "a handful of trees" from "dense forest": both are about
-trees. `geoseg search --amounts` therefore reads amounts off the query text and checks them
-against each tile's class shares as *predicted from its image*. It is an option, off by default:
-on the development queries it helped only on tiles the head was fitted on (docs/retrieval.md,
-"Amounts in queries"); `geoseg evaluate-retrieval` reports it as its own row.
+A sentence encoder hardly separates "a handful of trees" from "dense forest" (both are about
+trees) and cannot compare numbers at all. Search (on by default; `geoseg search --no-amounts`)
+therefore reads them off the query text and ranks first the tiles known to meet them, then the
+tiles with an unknown fact, then the rest, each group ranked as without them (faiss top-k,
+document-phrase re-scoring); a group is a faiss selector, so it scales like any other filter.
 
-- `CompositionHead`: a ridge regression from a tile's image vector (`embed_tiles`, before any
-  document is fused) to its labelled class fractions, fitted on the training split at the end of
-  `train-retrieval` (`fit_composition`; lambda by leave-one-out on that split) and saved beside
-  the embedder (`composition.npz`). `geoseg index` stores its per-tile predictions as `pred_<class>`
-  columns; search reads those, never the `frac_<class>` label columns (evaluation grades with them).
-- `parse_amounts`: (class, low, high) share ranges of a query. A negated kind ("no trees",
-  "treeless", `retrieval.negation`) must stay below a trace; an amount cue governs the nearest
-  class word after it (else before it) in its clause. Cues are the caption grammar's own share
-  words (`captions.SHARE_LEVELS`: "scattered", "patches of", "a large share of", "mostly", ...)
-  plus common quantifiers ("a few", "a couple", "sparse", "dense", "majority", ...), fractions
-  ("half", "a third") and percentages, with "less than"/"more than"/"about". Class words are the
-  grammar's kind words; a cue followed by a word the grammar does not know ("oaks") takes the
-  class whose words the text tower puts nearest.
-- `in_range`: the tiles whose predicted shares lie in every range (± `TOLERANCE`). Search ranks
-  them first, then the rest, each group as before (faiss top-k, document-phrase re-scoring); the
-  restriction is a faiss selector in `geoseg search`, so it scales like any other filter.
+What a tile is checked on (`reference_shares`):
+- in an index that fuses tile documents, which already reads the archive's LiDAR labels, NIR
+  and DEM into its vectors: the tile's label facts (`label_shares`: class shares, ground split
+  into barren / vegetated by NDVI, tree height p95, mean ground slope), exactly;
+- in an image-only index, and for tiles without labels: the class shares predicted from the
+  image by `CompositionHead`, a ridge regression from the image vector to the labelled class
+  fractions, fitted on the training split by `train-retrieval` (`fit_composition`; lambda by
+  leave-one-out) and stored by `geoseg index` as `pred_<class>` columns, within ± `TOLERANCE`.
 
-Queries without an amount or a negated kind are ranked exactly as before.
+`parse_amounts` gives (fact, low, high) ranges. A negated kind ("no trees", "treeless",
+`retrieval.negation`) must stay below a trace; an amount cue governs the nearest class word after
+it (else before it) in its clause. Cues are the caption grammar's share words
+(`captions.SHARE_LEVELS`: "scattered", "patches of", "mostly", ...) plus common quantifiers ("a
+few", "a couple", "sparse", "majority", ...), cover words ("dense", "closed", "entirely": >=
+`FULL`), fractions ("half", "a third") and percentages, with "less than"/"more than"/"about". A
+kind named without an amount must be there ("rooftops", "scrubland"). Class words are the
+grammar's kind words; a cue before a word the grammar does not know ("oaks") takes the class
+whose words the text tower puts nearest. Measures: heights in metres ("over 40 m") or the
+grammar's height words before a tree word ("tall trees"), slope from its terrain words ("flat",
+"rolling", "steep"), both on the grammar's category bounds. docs/retrieval.md ("Amounts and
+measures") has the measurement that made this the default.
+
+Queries without an amount, a measure, a kind word or a negated kind are ranked as before.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.captions import N3C, SHARE_LEVELS
+from retrieval.captions import HEIGHT_LEVELS, N3C, SHARE_LEVELS, TERRAIN_LEVELS
 from retrieval.negation import split_negation
 
 COMPOSITION_FILE = "composition.npz"
@@ -46,10 +53,21 @@ TOLERANCE = 0.05
 is about 0.04, docs/retrieval.md)."""
 TRACE = 0.02
 """A negated kind's share stays below this (the grammar's lowest share level)."""
+BARREN_NDVI = 0.1
+GREEN_NDVI = 0.2
+"""NDVI of barren ground (rock, sand, bare soil: 0.1 or less) and of the lowest vegetated
+cover (shrubs, grassland: from about 0.2), after the USGS's reading of NDVI; ground in between
+is neither "bare soil" nor "green pasture" to an amount."""
+THERE = 1e-6
+"""A kind a query names without an amount ("rooftops", "scrubland") must be there at all."""
 LAMBDAS = (0.01, 0.1, 1.0, 10.0)
 
 _LEVELS = dict(SHARE_LEVELS)
+FULL = 0.7
+"""Lower bound of "dense", "closed", "entirely" (a cover, not a majority: the "very dense"
+canopy class of forest surveys starts at 70 %)."""
 _RANGE = {
+    "full": (FULL, 1.0),
     "most": (_LEVELS["most"], 1.0),
     "much": (_LEVELS["much"], _LEVELS["most"]),
     "some": (_LEVELS["some"], _LEVELS["much"]),
@@ -57,10 +75,13 @@ _RANGE = {
 }
 """Share level -> range, from the caption grammar's bounds."""
 _CUES = {
+    "full": (
+        "dense", "densely", "thick", "thickly", "heavy", "heavily", "closed", "continuous",
+        "solid", "unbroken", "entirely", "fully", "completely", "totally",
+    ),
     "most": (
-        "mostly", "nearly all", "almost all", "filling the frame", "covering most", "dense",
-        "densely", "thick", "thickly", "heavy", "heavily", "closed", "continuous", "solid",
-        "unbroken", "entirely", "fully", "completely", "totally", "predominantly", "largely",
+        "mostly", "nearly all", "almost all", "filling the frame", "covering most",
+        "predominantly", "largely",
     ),
     "much": ("a lot of", "a large share of", "plenty of", "extensive", "lots of", "many"),
     "some": ("some", "patches of", "a moderate amount of", "a few areas of", "partly",
@@ -107,14 +128,20 @@ _KIND_CLASS = {
     "tree": "tree",
     "building": "building",
     "low_vegetation": "others",
-    "ground_bare": "ground",
-    "ground_green": "ground",
+    "ground_bare": "ground_bare",
+    "ground_green": "ground_green",
     "ground": "ground",
 }
+"""Grammar kind -> the class an amount of it is checked on; LiDAR ground split into bare and
+green as the captions split it (`label_shares`)."""
 _GENERIC = frozenset(
-    {"a", "an", "and", "area", "the", "or", "open", "bare", "green", "low", "cleared", "field"}
-)
-"""Words of kind phrases that name no class on their own."""
+    {
+        "a", "an", "and", "area", "the", "or", "open", "bare", "green", "low", "cleared",
+        "field", "farmland", "vegetation", "plants",
+    }
+)  # fmt: skip
+"""Words of kind phrases that name no class on their own ("farmland" is bare or green, trees
+are vegetation too)."""
 
 
 def _forms(word: str) -> set[str]:
@@ -146,11 +173,67 @@ def class_words() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Amount:
-    """The share of `cls` a query asks for: low <= share <= high."""
+    """The range a query asks of a fact: `cls` is a class share (`tree`, `ground_bare`, ...)
+    or a measure (`tree_height` in m, `slope` in degrees); low <= value <= high."""
 
     cls: str
     low: float
     high: float
+
+
+def _level_ranges(levels: tuple[tuple[str, float], ...]) -> dict[str, tuple[float, float]]:
+    """Category -> [low, high) from a captions level table (first bound reached, descending)."""
+    highs = [math.inf] + [bound for _, bound in levels[:-1]]
+    return {
+        name: (max(bound, 0.0), high) for (name, bound), high in zip(levels, highs, strict=True)
+    }
+
+
+def _level_words(table: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Word -> category for the words of a grammar table that belong to one category only
+    ("steep" -> steep; "slope", in "a mild slope" and "a steep slope", to none)."""
+    seen: dict[str, set[str]] = {}
+    for level, phrases in table.items():
+        for word in (w.lower() for p in phrases for w in _WORD.findall(p)):
+            seen.setdefault(word, set()).add(level)
+    return {w: next(iter(ls)) for w, ls in seen.items() if len(ls) == 1 and w not in _STOP}
+
+
+_STOP = frozenset({"a", "an", "on", "the", "terrain", "ground", "land", "height"})
+_TREE_HEIGHTS = _level_ranges(HEIGHT_LEVELS["tree"])
+_TERRAIN = _level_ranges(TERRAIN_LEVELS)
+_HEIGHT = re.compile(
+    rf"(?:(?P<below>{_BELOW}|shorter than|lower than)|"
+    rf"(?P<above>{_ABOVE}|taller than|higher than|exceeding|reaching))?\s*"
+    r"(?P<m>\d+(?:\.\d+)?)\s*(?:m|meters?|metres?)\b",
+    re.IGNORECASE,
+)
+"""A height in metres with an optional comparison ("over 40 m", "under 10 metres")."""
+
+
+def _measures(asked: str, words: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """Ranges of the LiDAR measures a query states: tree height from a number of metres or the
+    grammar's height words before a tree word ("tall trees", "young woods"), mean ground slope
+    from the grammar's terrain words ("flat", "rolling", "steep")."""
+    out: dict[str, tuple[float, float]] = {}
+    for m in _HEIGHT.finditer(asked):
+        value = float(m["m"])
+        if m["below"]:
+            out["tree_height"] = (0.0, value)
+        elif m["above"]:
+            out["tree_height"] = (value, math.inf)
+        else:
+            out["tree_height"] = (max(0.0, value - 5.0), value + 5.0)
+    tokens = [w.lower() for w in _WORD.findall(asked)]
+    heights = _level_words(N3C.heights["tree"])
+    for word, following in itertools.pairwise(tokens):
+        if word in heights and "tree_height" not in out and words.get(following) == "tree":
+            out["tree_height"] = _TREE_HEIGHTS[heights[word]]
+    terrain = _level_words(N3C.terrain)
+    levels = {terrain[w] for w in tokens if w in terrain}
+    if len(levels) == 1:
+        out["slope"] = _TERRAIN[levels.pop()]
+    return out
 
 
 def parse_amounts(text: str, classify: Any = None) -> tuple[Amount, ...]:
@@ -195,6 +278,12 @@ def parse_amounts(text: str, classify: Any = None) -> tuple[Amount, ...]:
             asks[cls] = (
                 (min(low, asks[cls][0]), max(high, asks[cls][1])) if cls in asks else (low, high)
             )
+    asks |= _measures(asked, words)
+    negated_classes = {a.cls for a in out}
+    for word in _WORD.findall(asked):  # a class named without an amount must be there
+        cls = _class_of(word, words, None)
+        if cls is not None and cls not in asks and cls not in negated_classes:
+            asks[cls] = (THERE, 1.0)
     return tuple(dict.fromkeys(out + [Amount(c, low, high) for c, (low, high) in asks.items()]))
 
 
@@ -282,14 +371,69 @@ def fit_composition(
     return CompositionHead(tuple(classes), weights, lam)
 
 
-def in_range(predicted: dict[str, np.ndarray], amounts: Sequence[Amount]) -> np.ndarray | None:
-    """(N,) bool: tiles whose predicted shares (class -> (N,)) meet every amount ± TOLERANCE;
-    None when nothing applies (no amounts, or no predictions for their classes)."""
-    usable = [a for a in amounts if a.cls in predicted]
+def label_shares(
+    fractions: dict[str, np.ndarray], stats: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """What amounts are checked against in a labelled archive, per tile (N,): the labelled
+    class shares; `ground_bare` / `ground_green`, the ground share where the mean NDVI says
+    barren (<= `BARREN_NDVI`) / vegetated (>= `GREEN_NDVI`), 0 otherwise, unknown (NaN) without
+    NIR; `tree_height` (95th percentile, m, where there are trees) and `slope` (mean ground
+    slope, degrees). `stats`: `ndvi_mean`, `tree_height_p95`, `slope_deg` arrays (NaN =
+    unknown)."""
+    out = dict(fractions)
+    n = len(next(iter(fractions.values())))
+    unknown = np.full(n, np.nan)
+    ndvi, height, slope = (
+        np.asarray(stats.get(k, unknown), np.float64)
+        for k in ("ndvi_mean", "tree_height_p95", "slope_deg")
+    )
+    if "ground" in fractions:
+        ground, known = fractions["ground"], ~np.isnan(ndvi)
+        out["ground_bare"] = np.where(known, np.where(ndvi <= BARREN_NDVI, ground, 0.0), np.nan)
+        out["ground_green"] = np.where(known, np.where(ndvi >= GREEN_NDVI, ground, 0.0), np.nan)
+    if "tree" in fractions:
+        out["tree_height"] = np.where(fractions["tree"] > 0, height, np.nan)
+    out["slope"] = slope
+    return out
+
+
+def reference_shares(
+    labels: dict[str, np.ndarray], predicted: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Class -> (N,) shares that amounts are checked against, and each tile's tolerance: a
+    tile's labelled shares (exact, tolerance 0) where it has labels, else the shares predicted
+    from its image (± `TOLERANCE`). Pass no `labels` for an index that reads no labels (an
+    image-only embedder): its amounts then come from the image alone."""
+    columns = {**predicted, **labels}
+    if not columns:
+        return {}, np.zeros(0)
+    n = len(next(iter(columns.values())))
+    unknown = np.full(n, np.nan)
+    labelled = np.nansum(list(labels.values()), axis=0) > 0 if labels else np.zeros(n, bool)
+    shares = {
+        c: np.where(labelled, labels.get(c, unknown), predicted.get(c, unknown)) for c in columns
+    }
+    return shares, np.where(labelled, 0.0, TOLERANCE)
+
+
+def amount_tiers(
+    shares: dict[str, np.ndarray],
+    amounts: Sequence[Amount],
+    tolerance: float | np.ndarray = TOLERANCE,
+) -> np.ndarray | None:
+    """(N,) tier per tile for the amounts a query asks (shares: class -> (N,), NaN = unknown;
+    `tolerance` per tile or one for all): 0 = known to meet every amount, 1 = meets every
+    known one but some value is unknown (bare or green without NIR), 2 = contradicts one.
+    Search ranks tier 0 first, then 1, then 2. None when nothing applies (no amounts, or no
+    shares for their classes)."""
+    usable = [a for a in amounts if a.cls in shares]
     if not usable:
         return None
-    keep = np.ones(len(next(iter(predicted.values()))), bool)
+    n = len(next(iter(shares.values())))
+    unknown, outside = np.zeros(n, bool), np.zeros(n, bool)
     for a in usable:
-        share = predicted[a.cls]
-        keep &= (share >= a.low - TOLERANCE) & (share <= a.high + TOLERANCE)
-    return keep
+        share = shares[a.cls]
+        missing = np.isnan(share)
+        unknown |= missing
+        outside |= ~missing & ((share < a.low - tolerance) | (share > a.high + tolerance))
+    return np.where(outside, 2, np.where(unknown, 1, 0))

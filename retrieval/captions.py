@@ -51,6 +51,9 @@ ELEVATION_LEVELS: tuple[tuple[str, float], ...] = (
 """Median ground elevation (m above the survey's vertical datum, ~sea level for 3DEP and IGN
 LiDAR) -> category; `middle` is not mentioned."""
 
+TERRAIN_LEVELS: tuple[tuple[str, float], ...] = (("steep", 10.0), ("gentle", 4.0), ("flat", -1.0))
+"""Mean ground slope (degrees) -> terrain category (first bound the slope reaches)."""
+
 PRESENT = 0.1
 """A class counts as a visible part of the scene (heights, relevance checks) from this share."""
 
@@ -107,7 +110,7 @@ def facts(tile: TileInfo) -> Facts:
     vigour = (
         None if ndvi is None else _level(ndvi, (("lush", 0.35), ("moderate", 0.15), ("sparse", -9)))
     )
-    terrain = None if slope is None else _level(slope, (("steep", 10), ("gentle", 4), ("flat", -1)))
+    terrain = None if slope is None else _level(slope, TERRAIN_LEVELS)
     elevation = s.get("elevation_m")
     return Facts(
         shares,

@@ -106,11 +106,12 @@ def _embedder_ref(model: str) -> str:
     "0 = off [retrieval.rescore.RESCORE_TOP: 50].",
 )
 @click.option(
-    "--amounts",
-    is_flag=True,
-    help="Rank first the tiles whose class shares, predicted from their images, meet the "
-    "amounts a text query asks for ('a few trees', 'no trees'; retrieval.amounts). Off by "
-    "default: on the development queries it helped only the pool its head was fitted on.",
+    "--amounts/--no-amounts",
+    default=True,
+    show_default=True,
+    help="Rank first the tiles known to meet the amounts and measures a text query states "
+    "('a few trees', 'no buildings', 'trees over 30 m', 'flat'; retrieval.amounts): checked on "
+    "the tiles' label facts when the index fuses documents, else on image-predicted shares.",
 )
 @click.option("--rerank", is_flag=True, help="Rerank the top 5 with the run's reranker.")
 @click.option("--reranker", type=click.Path(path_type=Path), help="Reranker folder [run's].")

@@ -29,7 +29,13 @@ import torch
 
 from geoseg.builder.writers import write_bytes_atomic, write_json
 from geoseg.device import AUTO, resolve_device
-from retrieval.amounts import in_range, nearest_class, parse_amounts
+from retrieval.amounts import (
+    amount_tiers,
+    label_shares,
+    nearest_class,
+    parse_amounts,
+    reference_shares,
+)
 from retrieval.data import TileInfo, load_tiles, tile_rgb
 from retrieval.index import (
     embed_tile_batch,
@@ -55,8 +61,8 @@ POOLS = ("index", "unseen")
 LIKE_K = 10
 PLAIN = {"reranker": False, "rescored": False, "amounts": False}
 """Row flags: the faiss ranking as is (a reranker row reorders its top 5, a re-scored row its
-top `RESCORE_TOP`, an amounts row puts tiles whose image-predicted shares meet the query's
-amounts first, `retrieval.amounts`)."""
+top `RESCORE_TOP`, an amounts row ranks the tiles known to meet the query's amounts and
+measures first, `retrieval.amounts`: with re-scoring, `geoseg search`'s default)."""
 
 
 def pool_mask(tiles: Sequence[TileInfo], pool: str) -> np.ndarray:
@@ -172,12 +178,22 @@ def evaluate_retrieval(
                 rows.append(
                     base | PLAIN | {"rescored": True} | _text_rows(specs, rescored, rel, seed)
                 )
-            if shares is not None:
-                head = embedder.composition
-                predicted = {c: shares[mask, j] for j, c in enumerate(head.classes)}
+            predicted = (
+                {}
+                if shares is None
+                else dict(zip(embedder.composition.classes, shares[mask].T, strict=True))
+            )
+            labels = _label_shares(pool_tiles) if rescoring else {}
+            if predicted or labels:
                 with torch.inference_mode():
                     amounted = _amounts(
-                        embedder, texts, qvec, vectors[mask], predicted, pool_tiles, rescoring
+                        embedder,
+                        texts,
+                        qvec,
+                        vectors[mask],
+                        reference_shares(labels, predicted),
+                        pool_tiles,
+                        rescoring,
                     )
                 flags = {"rescored": rescoring, "amounts": True}
                 rows.append(base | PLAIN | flags | _text_rows(specs, amounted, rel, seed))
@@ -254,27 +270,40 @@ def _rescore(
     )[:, :PRECISION_K]
 
 
+def _label_shares(pool: Sequence[TileInfo]) -> dict[str, np.ndarray]:
+    """Class -> (N,) labelled shares of the pool's tiles (0 for a tile without labels), ground
+    split into bare and green (`retrieval.amounts.label_shares`)."""
+    classes = dict.fromkeys(c for t in pool for c in t.classes)
+    fractions = {c: np.array([t.class_fractions.get(c, 0.0) for t in pool]) for c in classes}
+    stats = {
+        k: np.array([t.stats.get(k) for t in pool], dtype=np.float64)
+        for k in ("ndvi_mean", "tree_height_p95", "slope_deg")
+    }
+    return label_shares(fractions, stats)
+
+
 def _amounts(
     embedder: Any,
     texts: Sequence[str],
     queries: np.ndarray,
     vectors: np.ndarray,
-    predicted: dict[str, np.ndarray],
+    reference: tuple[dict[str, np.ndarray], np.ndarray],
     pool: Sequence[TileInfo],
     rescoring: bool,
 ) -> np.ndarray:
     """Each query's top 10 as `geoseg search` ranks it with amounts: the pool tiles whose
-    predicted shares meet the query's amounts (`retrieval.amounts.in_range`) first, then the
+    shares (`retrieval.amounts.reference_shares`) meet the query's amounts first, then the
     rest, each group's top `RESCORE_TOP` (re-scored when `rescoring`)."""
     classify = nearest_class(embedder)
     documents = [tile_document(t) for t in pool] if rescoring else []
+    shares, tolerance = reference
     out = []
     for text, q in zip(texts, queries, strict=True):
-        keep = in_range(predicted, parse_amounts(text, classify))
+        tiers = amount_tiers(shares, parse_amounts(text, classify), tolerance)
         groups = (
             [np.arange(len(pool))]
-            if keep is None
-            else [np.flatnonzero(keep), np.flatnonzero(~keep)]
+            if tiers is None
+            else [np.flatnonzero(tiers == tier) for tier in range(3)]
         )
         ranked: list[int] = []
         for rows in groups:

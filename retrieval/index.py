@@ -386,6 +386,25 @@ class TileIndex:
             if c.startswith(PREDICTED)
         }
 
+    def label_facts(self) -> dict[str, np.ndarray]:
+        """What amounts are checked against in a labelled archive (`retrieval.amounts.
+        label_shares`), vectorised over the metadata's `frac_` and `stat_` columns."""
+        from retrieval.amounts import label_shares
+
+        unknown = np.full(len(self.tiles), np.nan)
+        fractions = {
+            c.removeprefix("frac_"): self.tiles[c].to_numpy(np.float64)
+            for c in self.tiles.columns
+            if c.startswith("frac_")
+        }
+        stats = {
+            k: self.tiles[f"stat_{k}"].to_numpy(np.float64)
+            if f"stat_{k}" in self.tiles
+            else unknown
+            for k in ("ndvi_mean", "tree_height_p95", "slope_deg")
+        }
+        return label_shares(fractions, stats)
+
     def tile_info(self, row: int) -> TileInfo:
         """The label facts of an indexed tile, read back from its metadata row (`metadata_frame`):
         what its document (`retrieval.captions.document`) is written from."""

@@ -18,7 +18,7 @@ import torch
 from geoseg.builder.writers import atomic_path
 from geoseg.device import AUTO, resolve_device
 from geoseg.plot import plot_thumbnails
-from retrieval.amounts import in_range, nearest_class, parse_amounts
+from retrieval.amounts import amount_tiers, nearest_class, parse_amounts, reference_shares
 from retrieval.data import read_rgb, tile_rgb
 from retrieval.index import (
     Filters,
@@ -72,14 +72,16 @@ def search(
     model: str | Path | None = None,
     reranker: str | Path | None = None,
     rescore: int = RESCORE_TOP,
-    amounts: bool = False,
+    amounts: bool = True,
     device: str | torch.device = AUTO,
 ) -> list[Hit]:
     """Top-k tiles for a query; a text query's top max(k, `rescore`) are re-ordered by their best
     document phrase (`retrieval.rescore`; 0 = off, image-only indexes have no documents); with
-    `amounts`, tiles whose image-predicted class shares meet the amounts a text query asks for
-    ("a few trees", "no trees", `retrieval.amounts`) come first, each group ranked as above;
-    with `reranker`, the top-5 are then re-ordered by its scores."""
+    `amounts` (default), the tiles known to meet the amounts and measures a text query states
+    ("a few trees", "no buildings", "trees over 30 m", "flat") come first, then those that may
+    (a fact unknown), then the rest, each group ranked as above (`retrieval.amounts`: label facts
+    in an index that fuses documents, image-predicted shares otherwise); with `reranker`, the
+    top-5 are then re-ordered by its scores."""
     query.validate()
     device = resolve_device(device)
     if k < 1:
@@ -90,7 +92,7 @@ def search(
         raise SearchIndexError("rescore must be >= 0")
     exclude: tuple[str, ...] = ()
     rescoring = False
-    keep = None
+    tiers = None
     if query.like is not None:
         vector = index.vector(query.like)
         exclude = (query.like,)
@@ -101,19 +103,23 @@ def search(
             if query.text is not None:
                 vector = embed_search_queries(embedder, [query.text.strip()])[0]
                 rescoring = rescore > 0 and uses_documents(embedder)
-                predicted = index.predicted_shares() if amounts else {}
-                if predicted:
+                if amounts:
+                    labels = index.label_facts() if uses_documents(embedder) else {}
+                    shares, tolerance = reference_shares(labels, index.predicted_shares())
                     asked = parse_amounts(query.text, nearest_class(embedder))
-                    keep = in_range(predicted, asked)
+                    tiers = amount_tiers(shares, asked, tolerance) if shares else None
             else:
                 vector = embedder.embed_tiles(read_rgb(Path(query.image))[None].to(device))[0]
         vector = vector.float().cpu().numpy()
     depth = max(k, rescore) if rescoring else k
     pairs = index.search(vector[None], depth, query.filters, exclude=exclude)[0]
     groups = [pairs]
-    if keep is not None:  # the tiles meeting the amounts first, through a faiss selector
-        inside = index.search(vector[None], depth, query.filters, exclude=exclude, within=keep)
-        groups = [inside[0], [p for p in pairs if not keep[p[0]]]]
+    if tiers is not None:  # tiers 0 and 1 first, each through a faiss selector, then the rest
+        groups = [
+            index.search(vector[None], depth, query.filters, exclude=exclude, within=tiers == t)[0]
+            for t in (0, 1)
+        ]
+        groups.append([p for p in pairs if tiers[p[0]] == 2])
     if rescoring:
         groups = [_rescored(index, embedder, vector, g) for g in groups]
     pairs = [p for g in groups for p in g]

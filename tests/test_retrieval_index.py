@@ -422,9 +422,9 @@ def test_search_and_evaluation_rescore_the_top_candidates(documents_index, build
     def ids(hits):
         return [h.tile_id for h in hits]
 
-    plain = search(idx, Query(text=text), top, rescore=0)
+    plain = search(idx, Query(text=text), top, rescore=0, amounts=False)
     assert [h.score for h in plain] == sorted((h.score for h in plain), reverse=True)
-    rescored = search(idx, Query(text=text), k, rescore=top)
+    rescored = search(idx, Query(text=text), k, rescore=top, amounts=False)
     with torch.inference_mode():
         vector = embed_search_queries(embedder, [text])[0].numpy()
     documents = [tile_document(idx.tile_info(idx.row(h.tile_id))) for h in plain]
@@ -432,11 +432,11 @@ def test_search_and_evaluation_rescore_the_top_candidates(documents_index, build
     assert ids(rescored) == [ids(plain)[i] for i in order[:k]] != ids(plain)[:k]
     assert [h.rank for h in rescored] == list(range(1, k + 1))
     # filters first, then re-scoring among the tiles they keep
-    val = search(idx, Query(text=text, filters=Filters(split="val")), k, rescore=top)
+    val = search(idx, Query(text=text, filters=Filters(split="val")), k, rescore=top, amounts=False)
     assert val and all(h.properties["split"] == "val" for h in val)
     # the CLI: --rescore 0 is faiss's order; tile queries are never re-scored
     out = tmp_path / "hits.geojson"
-    args = ["search", text, "--index", str(path), "--k", str(k), "--out", str(out)]
+    args = ["search", text, "--index", str(path), "--k", str(k), "--out", str(out), "--no-amounts"]
     assert (
         CliRunner().invoke(main, [*args, "--rescore", str(top), "--no-thumbnails"]).exit_code == 0
     )
@@ -448,8 +448,9 @@ def test_search_and_evaluation_rescore_the_top_candidates(documents_index, build
     # evaluation: a re-scored row beside each pool's plain row
     model = idx.meta["model"]
     rows = [r for r in evaluate_retrieval(build, [model], tmp_path / "e") if r["model"] == model]
-    assert [(r["pool"], r["rescored"]) for r in rows] == [
-        ("index", False), ("index", True), ("unseen", False), ("unseen", True)
+    assert [(r["pool"], r["rescored"], r["amounts"]) for r in rows] == [
+        ("index", False, False), ("index", True, False), ("index", True, True),
+        ("unseen", False, False), ("unseen", True, False), ("unseen", True, True),
     ]  # fmt: skip
     assert f"phrase re-scoring top-{RESCORE_TOP}" in (tmp_path / "e" / "table.md").read_text()
 
@@ -474,11 +475,11 @@ def amounts_index(build: Path, tmp_path_factory) -> tuple[Path, TileEmbedder]:
     return out, embedder
 
 
-def test_amounts_rank_tiles_by_shares_predicted_from_the_image(amounts_index, build, tmp_path):
-    """The index stores the head's predictions from each image (not the label fractions);
-    a query with an amount ranks the tiles whose predictions meet it first, in faiss's order;
-    evaluation reports it as its own row."""
-    from retrieval.amounts import in_range, parse_amounts
+def test_amounts_of_an_image_only_index_come_from_its_images(amounts_index, build, tmp_path):
+    """The index stores the head's predictions from each image (not the label fractions); an
+    image-only index checks a query's amounts on them (± TOLERANCE): the tiles that meet them
+    first, in faiss's order, by default; evaluation reports it as its own row."""
+    from retrieval.amounts import amount_tiers, parse_amounts, reference_shares
 
     path, embedder = amounts_index
     idx = TileIndex.open(path)
@@ -492,21 +493,48 @@ def test_amounts_rank_tiles_by_shares_predicted_from_the_image(amounts_index, bu
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert not np.allclose(predicted["tree"], idx.tiles["frac_tree"])
     text, k = "no trees at all", 30
-    keep = in_range(predicted, parse_amounts(text))
-    assert 0 < keep.sum() < len(keep)
-    plain = search(idx, Query(text=text), len(tiles))  # amounts are off by default
-    hits = search(idx, Query(text=text), k, amounts=True)
-    first = [h.tile_id for h in plain if keep[idx.row(h.tile_id)]]
-    rest = [h.tile_id for h in plain if not keep[idx.row(h.tile_id)]]
+    shares, tolerance = reference_shares({}, predicted)
+    tiers = amount_tiers(shares, parse_amounts(text), tolerance)
+    assert 0 < (tiers == 0).sum() < len(tiers)
+    plain = search(idx, Query(text=text), len(tiles), amounts=False)
+    hits = search(idx, Query(text=text), k)  # amounts are on by default
+    first = [h.tile_id for h in plain if tiers[idx.row(h.tile_id)] == 0]
+    rest = [h.tile_id for h in plain if tiers[idx.row(h.tile_id)] != 0]
     assert [h.tile_id for h in hits] == (first + rest)[:k]
-    assert [h.tile_id for h in search(idx, Query(text="forest"), k, amounts=True)] == [
-        h.tile_id for h in search(idx, Query(text="forest"), k)
-    ]  # no amount in the query: ranked as before
+    assert [h.tile_id for h in search(idx, Query(text="glade"), k)] == [
+        h.tile_id for h in search(idx, Query(text="glade"), k, amounts=False)
+    ]  # no amount, measure or kind in the query: ranked as before
     out = tmp_path / "hits.geojson"
     args = ["search", text, "--index", str(path), "--k", str(k), "--out", str(out)]
-    assert CliRunner().invoke(main, [*args, "--amounts", "--no-thumbnails"]).exit_code == 0
+    assert CliRunner().invoke(main, [*args, "--no-thumbnails"]).exit_code == 0
     assert [f["id"] for f in json.loads(out.read_text())["features"]] == [h.tile_id for h in hits]
     rows = evaluate_retrieval(build, [idx.meta["model"]], tmp_path / "e")
     mine = [(r["pool"], r["amounts"]) for r in rows if r["model"] == idx.meta["model"]]
     assert mine == [("index", False), ("index", True), ("unseen", False), ("unseen", True)]
     assert "+ amounts" in (tmp_path / "e" / "table.md").read_text()
+
+
+def test_amounts_of_a_labelled_index_come_from_its_label_facts(documents_index, build):
+    """An index that fuses documents already reads the archive's labels: its amounts are
+    checked on them exactly (class shares, bare or green ground, tree height, slope), and the
+    tiles known to meet a query come first, then those with an unknown fact, then the rest."""
+    path, _ = documents_index
+    idx = TileIndex.open(path)
+    tiles = {t.tile_id: t for t in load_tiles(build)}
+    n = len(tiles)
+    no_trees = search(idx, Query(text="no trees at all"), n)
+    shares = [tiles[h.tile_id].class_fractions["tree"] for h in no_trees]
+    first = sum(s < 0.02 for s in shares)
+    assert 0 < first < n and all(s < 0.02 for s in shares[:first])
+    tall = search(idx, Query(text="trees over 30 m high"), n)
+    heights = [tiles[h.tile_id].stats.get("tree_height_p95") for h in tall]
+    known = [
+        h is not None and h >= 30 and tiles[t.tile_id].class_fractions["tree"] > 0
+        for h, t in zip(heights, tall, strict=True)
+    ]
+    assert any(known) and known == sorted(known, reverse=True)
+    # bare soil: tiles whose NDVI says barren first, then tiles without NIR, then green ones
+    bare = search(idx, Query(text="bare soil"), n)
+    ndvi = [tiles[h.tile_id].stats.get("ndvi_mean") for h in bare]
+    tier = [2 if v is not None and v > 0.1 else 1 if v is None else 0 for v in ndvi]
+    assert tier == sorted(tier) and tier[0] == 0
