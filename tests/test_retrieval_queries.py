@@ -77,18 +77,26 @@ EVAL3_QUERIES = QUERY_DIR / "eval3.yaml"
 EVAL4_QUERIES = QUERY_DIR / "eval4.yaml"
 EVAL5_QUERIES = QUERY_DIR / "eval5.yaml"
 EVAL6_QUERIES = QUERY_DIR / "eval6.yaml"
+EVAL7_QUERIES = QUERY_DIR / "eval7.yaml"
 
 
 def test_query_files_parse_and_are_disjoint():
     evaluation, dev = load_queries(EVAL_QUERIES), load_queries(DEV_QUERIES)
     fresh = [
         load_queries(p)
-        for p in (EVAL2_QUERIES, EVAL3_QUERIES, EVAL4_QUERIES, EVAL5_QUERIES, EVAL6_QUERIES)
+        for p in (
+            EVAL2_QUERIES,
+            EVAL3_QUERIES,
+            EVAL4_QUERIES,
+            EVAL5_QUERIES,
+            EVAL6_QUERIES,
+            EVAL7_QUERIES,
+        )
     ]
     assert len(evaluation) >= 25 and all(len(f) >= 25 for f in fresh) and len(dev) >= 8
     dev += [q for path in sorted(QUERY_DIR.glob("dev?*.yaml")) for q in load_queries(path)]
     assert not {q.text for q in evaluation} & {q.text for q in dev}
-    # eval2.yaml ... eval6.yaml, each written after the sets before it, share no two-word
+    # eval2.yaml ... eval7.yaml, each written after the sets before it, share no two-word
     # phrase with any of them
     earlier = evaluation + dev
     for queries in fresh:
@@ -100,8 +108,16 @@ def test_query_files_parse_and_are_disjoint():
 
 @pytest.mark.parametrize(
     "path",
-    [EVAL_QUERIES, EVAL2_QUERIES, EVAL3_QUERIES, EVAL4_QUERIES, EVAL5_QUERIES, EVAL6_QUERIES],
-    ids=["eval", "eval2", "eval3", "eval4", "eval5", "eval6"],
+    [
+        EVAL_QUERIES,
+        EVAL2_QUERIES,
+        EVAL3_QUERIES,
+        EVAL4_QUERIES,
+        EVAL5_QUERIES,
+        EVAL6_QUERIES,
+        EVAL7_QUERIES,
+    ],
+    ids=["eval", "eval2", "eval3", "eval4", "eval5", "eval6", "eval7"],
 )
 def test_evaluation_queries_share_no_phrase_with_the_caption_grammar(path):
     """ "No shared phrases": no two consecutive words of an evaluation query occur together in
