@@ -23,10 +23,11 @@ it (else before it) in its clause. Cues are the caption grammar's share words
 few", "a couple", "sparse", "majority", ...), cover words ("dense", "closed", "entirely": >=
 `FULL`), fractions ("half", "a third") and percentages, with "less than"/"more than"/"about". A
 kind named without an amount must be there ("rooftops", "scrubland"). Class words are the
-grammar's kind words; a cue before a word the grammar does not know ("oaks") takes the class
-whose words the text tower puts nearest. Measures: heights in metres ("over 40 m") or the
-grammar's height words before a tree word ("tall trees"), slope from its terrain words ("flat",
-"rolling", "steep"), both on the grammar's category bounds. docs/retrieval.md ("Amounts and
+grammar's kind words and common ones (`KIND_WORDS`: "pine", "barn", "chaparral"); a cue before a
+word neither knows ("acacias") takes the class whose words the text tower puts nearest.
+Measures: heights in metres ("over 40 m") or the grammar's height words before a tree word
+("tall trees"), slope from its terrain words and common ones ("flat", "rolling", "steep",
+"hilly", `TERRAIN_WORDS`), on the grammar's category bounds. docs/retrieval.md ("Amounts and
 measures") has the measurement that made this the default.
 
 Queries without an amount, a measure, a kind word or a negated kind are ranked as before.
@@ -77,7 +78,10 @@ _RANGE = {
 _CUES = {
     "full": (
         "dense", "densely", "thick", "thickly", "heavy", "heavily", "closed", "continuous",
-        "solid", "unbroken", "entirely", "fully", "completely", "totally",
+        "solid", "unbroken", "entirely", "fully", "completely", "totally", "packed",
+        "packed with", "virtually all", "overwhelmingly", "wall-to-wall", "blanketed",
+        "blanketed with", "blanketed in", "carpeted", "carpeted with", "carpeted in",
+        "uninterrupted", "complete", "impenetrable",
     ),
     "most": (
         "mostly", "nearly all", "almost all", "filling the frame", "covering most",
@@ -89,10 +93,13 @@ _CUES = {
     "few": ("scattered", "a few patches of", "a sprinkling of", "small bits of", "sprinkled",
             "a few", "few", "a handful of", "handful", "a couple of", "couple", "one or two",
             "two or three", "isolated", "lone", "single", "solitary", "sparse", "sparsely",
-            "thin", "thinly", "occasional", "dotted", "here and there", "little"),
+            "thin", "thinly", "occasional", "dotted", "here and there", "little", "barely",
+            "scarcely", "hardly", "a sliver of", "sliver", "a trace of", "a touch of", "dusting",
+            "smattering", "tiny number", "very few", "or two", "the odd", "speckled"),
 }  # fmt: skip
 """Amount words -> share level: the grammar's share phrases (`captions.N3C.shares` with the kind
-left out) and common English quantifiers; longest match first."""
+left out) and common English quantifiers ("or two" governs the word before it: "a tree or two");
+longest match first."""
 _FRACTIONS = {
     "half": 0.5,
     "a third": 1 / 3,
@@ -134,14 +141,35 @@ _KIND_CLASS = {
 }
 """Grammar kind -> the class an amount of it is checked on; LiDAR ground split into bare and
 green as the captions split it (`label_shares`)."""
+KIND_WORDS = {
+    "tree": (
+        "conifer", "coniferous", "pine", "fir", "firs", "spruce", "cedar", "sequoia", "redwood",
+        "oak", "oaks", "evergreen", "timber", "timberland", "grove", "copse", "woodlot",
+    ),
+    "ground_bare": (
+        "plowed", "ploughed", "disked", "harrowed", "barren", "mud", "sand", "stubble",
+    ),
+    "ground_green": (
+        "hay", "hayfield", "alfalfa", "grassland", "lawn", "paddock", "pastureland",
+        "meadowland",
+    ),
+    "building": (
+        "barn", "shed", "house", "home", "farmhouse", "farmstead", "cottage", "cabin",
+        "dwelling", "residence", "roof", "rooftop", "structure", "outbuilding", "warehouse",
+        "garage", "silo", "homestead",
+    ),
+    "others": ("shrub", "bush", "chaparral", "thicket", "undergrowth", "understory"),
+}  # fmt: skip
+"""Common words for the grammar's kinds beyond its own ("pine", "barn", "chaparral"); with the
+grammar's kind words they are the class words (`class_words`)."""
 _GENERIC = frozenset(
     {
         "a", "an", "and", "area", "the", "or", "open", "bare", "green", "low", "cleared",
-        "field", "farmland", "vegetation", "plants",
+        "field", "farmland", "vegetation", "plants", "crop", "crops", "cropland",
     }
 )  # fmt: skip
-"""Words of kind phrases that name no class on their own ("farmland" is bare or green, trees
-are vegetation too)."""
+"""Words of kind phrases that name no class on their own ("farmland" and "cropland" are bare or
+green, trees are vegetation too)."""
 
 
 def _forms(word: str) -> set[str]:
@@ -159,8 +187,9 @@ def _forms(word: str) -> set[str]:
 
 
 def class_words() -> dict[str, str]:
-    """Kind word (and its stems) -> N3C class, from the caption grammar's kind and forest
-    words; a word of several kinds keeps the first ("grass": ground before low vegetation)."""
+    """Kind word (and its stems) -> class, from the caption grammar's kind and forest words,
+    then `KIND_WORDS`; a word of several kinds keeps the first ("grass": ground before low
+    vegetation)."""
     out: dict[str, str] = {}
     for table in (N3C.kinds, N3C.large):
         for kind, phrases in table.items():
@@ -168,6 +197,10 @@ def class_words() -> dict[str, str]:
             for word in (w for p in phrases for w in _WORD.findall(p)) if cls else ():
                 for form in _forms(word) if word.lower() not in _GENERIC else ():
                     out.setdefault(form, cls)
+    for cls, kind_words in KIND_WORDS.items():
+        for word in kind_words:
+            for form in _forms(word):
+                out.setdefault(form, cls)
     return out
 
 
@@ -201,7 +234,14 @@ def _level_words(table: dict[str, tuple[str, ...]]) -> dict[str, str]:
 
 _STOP = frozenset({"a", "an", "on", "the", "terrain", "ground", "land", "height"})
 _TREE_HEIGHTS = _level_ranges(HEIGHT_LEVELS["tree"])
-_TERRAIN = _level_ranges(TERRAIN_LEVELS)
+_TERRAIN = _level_ranges(TERRAIN_LEVELS) | {"sloped": (TERRAIN_LEVELS[1][1], math.inf)}
+TERRAIN_WORDS = {
+    **dict.fromkeys(("hilly", "hills", "foothills", "slopes", "incline", "sloped"), "sloped"),
+    **dict.fromkeys(("rugged", "cliffs", "ravine", "canyon", "mountainous"), "steep"),
+    **dict.fromkeys(("undulating",), "gentle"),
+    **dict.fromkeys(("plain", "bottomland", "lowland"), "flat"),
+}
+"""Common terrain words beyond the grammar's ("flat", "rolling", "steep"): sloped = not flat."""
 _HEIGHT = re.compile(
     rf"(?:(?P<below>{_BELOW}|shorter than|lower than)|"
     rf"(?P<above>{_ABOVE}|taller than|higher than|exceeding|reaching))?\s*"
@@ -229,10 +269,11 @@ def _measures(asked: str, words: dict[str, str]) -> dict[str, tuple[float, float
     for word, following in itertools.pairwise(tokens):
         if word in heights and "tree_height" not in out and words.get(following) == "tree":
             out["tree_height"] = _TREE_HEIGHTS[heights[word]]
-    terrain = _level_words(N3C.terrain)
-    levels = {terrain[w] for w in tokens if w in terrain}
-    if len(levels) == 1:
-        out["slope"] = _TERRAIN[levels.pop()]
+    terrain = _level_words(N3C.terrain) | TERRAIN_WORDS
+    ranges = [_TERRAIN[terrain[w]] for w in tokens if w in terrain]
+    low, high = max((r[0] for r in ranges), default=0.0), min((r[1] for r in ranges), default=0.0)
+    if ranges and low < high:  # words that agree ("gentle hills"); contradictions say nothing
+        out["slope"] = (low, high)
     return out
 
 
@@ -279,11 +320,14 @@ def parse_amounts(text: str, classify: Any = None) -> tuple[Amount, ...]:
                 (min(low, asks[cls][0]), max(high, asks[cls][1])) if cls in asks else (low, high)
             )
     asks |= _measures(asked, words)
-    negated_classes = {a.cls for a in out}
-    for word in _WORD.findall(asked):  # a class named without an amount must be there
-        cls = _class_of(word, words, None)
-        if cls is not None and cls not in asks and cls not in negated_classes:
-            asks[cls] = (THERE, 1.0)
+    named = {c for c in (_class_of(w, words, None) for w in _WORD.findall(asked)) if c}
+    # a kind both asked for and negated ("timber interrupted by treeless gaps"): the negation
+    # qualifies part of the scene, so only the ask stands
+    out = [a for a in out if a.cls not in named]
+    for cls in sorted(named - set(asks)):  # a class named without an amount must be there
+        asks[cls] = (THERE, 1.0)
+    if {"ground_bare", "ground_green"} <= set(asks):  # "pasture and dirt": ground of both kinds
+        del asks["ground_bare"], asks["ground_green"]
     return tuple(dict.fromkeys(out + [Amount(c, low, high) for c, (low, high) in asks.items()]))
 
 

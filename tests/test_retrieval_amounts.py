@@ -39,7 +39,7 @@ INF = float("inf")
         ("about 40% forest", [("tree", 0.25, 0.55)]),
         ("woods on about half of it", [("tree", 0.35, 0.65)]),
         ("no trees at all", [("tree", 0.0, TRACE)]),
-        ("treeless plain", [("tree", 0.0, TRACE)]),
+        ("treeless plain", [("tree", 0.0, TRACE), ("slope", 0.0, 4.0)]),
         ("forest with no houses", [("building", 0.0, TRACE), ("tree", THERE, 1.0)]),
         ("some trees here and there", [("tree", 0.02, 0.3)]),  # several cues: the widest range
         ("dirt, nothing grown", [("ground_bare", THERE, 1.0)]),  # "nothing grown": no class
@@ -53,10 +53,21 @@ INF = float("inf")
         ("saplings under 10 metres", [("tree_height", 0.0, 10.0)]),
         ("tall trees", [("tree_height", 20.0, INF), ("tree", THERE, 1.0)]),
         ("young woods", [("tree_height", 0.0, 8.0), ("tree", THERE, 1.0)]),
-        ("a tall barn", []),  # a height word before no tree word
+        ("a tall barn", [("building", THERE, 1.0)]),  # a height word before no tree word
         ("flat valley floor", [("slope", 0.0, 4.0)]),
         ("steep canyon", [("slope", 10.0, INF)]),
-        ("rolling hills", [("slope", 4.0, 10.0)]),
+        ("rolling hills", [("slope", 4.0, 10.0)]),  # words that agree: their ranges intersect
+        ("hilly country", [("slope", 4.0, INF)]),
+        ("flat hills", []),  # words that disagree say nothing
+        # common words beyond the grammar's
+        ("just a tree or two", [("tree", 0.02, 0.1)]),
+        ("barely wooded", [("tree", 0.02, 0.1)]),
+        ("packed with conifers", [("tree", FULL, 1.0)]),
+        ("a barn", [("building", THERE, 1.0)]),
+        ("harrowed cropland", [("ground_bare", THERE, 1.0)]),  # "cropland" is bare or green
+        ("pasture and dirt patches", []),  # ground of both kinds: no bare / green ask
+        # a kind asked for and negated: the negation qualifies part of the scene
+        ("timber interrupted by treeless gaps", [("tree", THERE, 1.0)]),
     ],
 )
 def test_amounts_are_read_off_the_query(text, expected):
@@ -70,9 +81,9 @@ def test_a_cue_on_an_unknown_word_asks_the_classifier():
         asked.append(phrase)
         return "tree"
 
-    assert parse_amounts("a few oaks") == ()
-    assert parse_amounts("a few oaks", classify) == (Amount("tree", 0.02, 0.1),)
-    assert asked == ["oaks"]
+    assert parse_amounts("a few acacias") == ()
+    assert parse_amounts("a few acacias", classify) == (Amount("tree", 0.02, 0.1),)
+    assert asked == ["acacias"]
 
 
 def test_class_words_come_from_the_grammar_and_skip_generic_words():
@@ -82,6 +93,8 @@ def test_class_words_come_from_the_grammar_and_skip_generic_words():
     assert words["soil"] == words["dirt"] == "ground_bare" and words["pasture"] == "ground_green"
     assert words["shrubs"] == "others"
     assert not {"open", "and", "bare", "area", "farmland", "vegetation", "plants"} & set(words)
+    assert words["pine"] == words["firs"] == "tree" and words["barn"] == "building"
+    assert words["chaparral"] == "others" and words["hayfield"] == "ground_green"
 
 
 def test_composition_head_fits_by_leave_one_out_and_round_trips(tmp_path):
