@@ -72,27 +72,13 @@ def grammar_phrases() -> list[str]:
     return out
 
 
-EVAL2_QUERIES = QUERY_DIR / "eval2.yaml"
-EVAL3_QUERIES = QUERY_DIR / "eval3.yaml"
-EVAL4_QUERIES = QUERY_DIR / "eval4.yaml"
-EVAL5_QUERIES = QUERY_DIR / "eval5.yaml"
-EVAL6_QUERIES = QUERY_DIR / "eval6.yaml"
-EVAL7_QUERIES = QUERY_DIR / "eval7.yaml"
+FRESH_SETS = tuple(QUERY_DIR / f"eval{n}.yaml" for n in range(2, 8))
+"""The held-out sets written after eval.yaml, oldest first."""
 
 
 def test_query_files_parse_and_are_disjoint():
     evaluation, dev = load_queries(EVAL_QUERIES), load_queries(DEV_QUERIES)
-    fresh = [
-        load_queries(p)
-        for p in (
-            EVAL2_QUERIES,
-            EVAL3_QUERIES,
-            EVAL4_QUERIES,
-            EVAL5_QUERIES,
-            EVAL6_QUERIES,
-            EVAL7_QUERIES,
-        )
-    ]
+    fresh = [load_queries(p) for p in FRESH_SETS]
     assert len(evaluation) >= 25 and all(len(f) >= 25 for f in fresh) and len(dev) >= 8
     dev += [q for path in sorted(QUERY_DIR.glob("dev?*.yaml")) for q in load_queries(path)]
     assert not {q.text for q in evaluation} & {q.text for q in dev}
@@ -108,16 +94,8 @@ def test_query_files_parse_and_are_disjoint():
 
 @pytest.mark.parametrize(
     "path",
-    [
-        EVAL_QUERIES,
-        EVAL2_QUERIES,
-        EVAL3_QUERIES,
-        EVAL4_QUERIES,
-        EVAL5_QUERIES,
-        EVAL6_QUERIES,
-        EVAL7_QUERIES,
-    ],
-    ids=["eval", "eval2", "eval3", "eval4", "eval5", "eval6", "eval7"],
+    [EVAL_QUERIES, *FRESH_SETS],
+    ids=lambda path: path.stem,
 )
 def test_evaluation_queries_share_no_phrase_with_the_caption_grammar(path):
     """ "No shared phrases": no two consecutive words of an evaluation query occur together in
