@@ -582,7 +582,9 @@ class SearchAlgorithm(GeosegAlgorithm):
         "Ranks the tiles of a retrieval index (made by `geoseg index`) against a text query or "
         "a tile id (tiles like it) and writes the hits (rank, score, lon/lat tile outline, tile "
         "metadata) as GeoJSON, with a PNG grid of thumbnails beside it unless unticked (the "
-        "search dock draws its own: the grid is most of a warm search's time)."
+        "search dock draws its own: the grid is most of a warm search's time). Amounts and "
+        "measures in a text query ('a few trees', 'no buildings', 'trees over 30 m', 'flat') "
+        "rank the tiles whose LiDAR label facts meet them first, unless unticked."
     )
 
     def initAlgorithm(self, config: Params | None = None) -> None:
@@ -593,6 +595,11 @@ class SearchAlgorithm(GeosegAlgorithm):
             )
         )
         self.addParameter(QgsProcessingParameterNumber("K", "Hits", defaultValue=12, minValue=1))
+        self.addParameter(
+            QgsProcessingParameterBoolean(
+                "AMOUNTS", "Read amounts and measures in the query", defaultValue=True
+            )
+        )
         self.addParameter(
             QgsProcessingParameterBoolean(
                 "THUMBNAILS", "Also write a PNG grid of thumbnails", defaultValue=True
@@ -616,6 +623,7 @@ class SearchAlgorithm(GeosegAlgorithm):
             "k": self.parameterAsInt(params, "K", context),
             "out": out,
             "no_thumbnails": not self.parameterAsBool(params, "THUMBNAILS", context),
+            "no_amounts": not self.parameterAsBool(params, "AMOUNTS", context),
         }
         positional = [query]
         if is_tile_id(query):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, run_alg, wait_for
+from conftest import ENGINE, ROOT, run_alg, wait_for
 from qgis.core import (
     QgsProcessingException,
     QgsProcessingFeatureSourceDefinition,
@@ -239,6 +240,27 @@ def test_search_text_and_like_tile(search_index: Path, tmp_path: Path) -> None:
     run_alg("search", {"QUERY": tile, "INDEX": str(search_index), "K": 3, "OUTPUT": str(like)})
     found = [f["id"] for f in json.loads(like.read_text())["features"]]
     assert len(found) == 3 and tile not in found  # tiles like it, not itself
+
+
+def test_search_reads_amounts_unless_unticked(search_index: Path, tmp_path: Path) -> None:
+    """'bare soil': by default the tiles whose LiDAR ground is known to be barren (NDVI <= 0.1)
+    come first, even from an untrained embedder; unticked, the engine ranks with --no-amounts."""
+    ranked = {}
+    for amounts in (True, False):
+        out = tmp_path / f"hits-{amounts}.geojson"
+        params = {"QUERY": "bare soil", "INDEX": str(search_index), "K": 24,
+                  "AMOUNTS": amounts, "THUMBNAILS": False, "OUTPUT": str(out)}  # fmt: skip
+        run_alg("search", params)
+        ranked[amounts] = [f["properties"] for f in json.loads(out.read_text())["features"]]
+    barren = [(p.get("stat_ndvi_mean") or 1.0) <= 0.1 for p in ranked[True]]
+    assert any(barren) and not all(barren) and barren == sorted(barren, reverse=True)
+    plain = tmp_path / "plain.geojson"
+    options = ["--index", str(search_index), "--k", "24", "--no-amounts", "--no-thumbnails"]
+    cli = [ENGINE, "-c", "from geoseg.cli import main; main()", "search", "bare soil", *options]
+    cli += ["--out", str(plain)]
+    subprocess.run(cli, check=True, timeout=240, capture_output=True)
+    expected = [f["id"] for f in json.loads(plain.read_text())["features"]]
+    assert [p["tile_id"] for p in ranked[False]] == expected
 
 
 def test_tile_ids_are_told_from_text() -> None:
