@@ -234,7 +234,8 @@ def _level_words(table: dict[str, tuple[str, ...]]) -> dict[str, str]:
 
 _STOP = frozenset({"a", "an", "on", "the", "terrain", "ground", "land", "height"})
 _TREE_HEIGHTS = _level_ranges(HEIGHT_LEVELS["tree"])
-_TERRAIN = _level_ranges(TERRAIN_LEVELS) | {"sloped": (TERRAIN_LEVELS[1][1], math.inf)}
+_TERRAIN = _level_ranges(TERRAIN_LEVELS)
+_TERRAIN["sloped"] = (_TERRAIN["gentle"][0], math.inf)
 TERRAIN_WORDS = {
     **dict.fromkeys(("hilly", "hills", "foothills", "slopes", "incline", "sloped"), "sloped"),
     **dict.fromkeys(("rugged", "cliffs", "ravine", "canyon", "mountainous"), "steep"),
@@ -242,6 +243,8 @@ TERRAIN_WORDS = {
     **dict.fromkeys(("plain", "bottomland", "lowland"), "flat"),
 }
 """Common terrain words beyond the grammar's ("flat", "rolling", "steep"): sloped = not flat."""
+_HEIGHT_WORDS = _level_words(N3C.heights["tree"])
+_TERRAIN_WORDS = _level_words(N3C.terrain) | TERRAIN_WORDS
 _HEIGHT = re.compile(
     rf"(?:(?P<below>{_BELOW}|shorter than|lower than)|"
     rf"(?P<above>{_ABOVE}|taller than|higher than|exceeding|reaching))?\s*"
@@ -265,12 +268,10 @@ def _measures(asked: str, words: dict[str, str]) -> dict[str, tuple[float, float
         else:
             out["tree_height"] = (max(0.0, value - 5.0), value + 5.0)
     tokens = [w.lower() for w in _WORD.findall(asked)]
-    heights = _level_words(N3C.heights["tree"])
     for word, following in itertools.pairwise(tokens):
-        if word in heights and "tree_height" not in out and words.get(following) == "tree":
-            out["tree_height"] = _TREE_HEIGHTS[heights[word]]
-    terrain = _level_words(N3C.terrain) | TERRAIN_WORDS
-    ranges = [_TERRAIN[terrain[w]] for w in tokens if w in terrain]
+        if word in _HEIGHT_WORDS and "tree_height" not in out and words.get(following) == "tree":
+            out["tree_height"] = _TREE_HEIGHTS[_HEIGHT_WORDS[word]]
+    ranges = [_TERRAIN[_TERRAIN_WORDS[w]] for w in tokens if w in _TERRAIN_WORDS]
     low, high = max((r[0] for r in ranges), default=0.0), min((r[1] for r in ranges), default=0.0)
     if ranges and low < high:  # words that agree ("gentle hills"); contradictions say nothing
         out["slope"] = (low, high)
@@ -415,6 +416,10 @@ def fit_composition(
     return CompositionHead(tuple(classes), weights, lam)
 
 
+LABEL_STATS = ("ndvi_mean", "tree_height_p95", "slope_deg")
+"""The tile statistics `label_shares` reads besides the class shares."""
+
+
 def label_shares(
     fractions: dict[str, np.ndarray], stats: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
@@ -422,15 +427,11 @@ def label_shares(
     class shares; `ground_bare` / `ground_green`, the ground share where the mean NDVI says
     barren (<= `BARREN_NDVI`) / vegetated (>= `GREEN_NDVI`), 0 otherwise, unknown (NaN) without
     NIR; `tree_height` (95th percentile, m, where there are trees) and `slope` (mean ground
-    slope, degrees). `stats`: `ndvi_mean`, `tree_height_p95`, `slope_deg` arrays (NaN =
-    unknown)."""
+    slope, degrees). `stats`: the `LABEL_STATS` arrays (NaN = unknown)."""
     out = dict(fractions)
     n = len(next(iter(fractions.values())))
     unknown = np.full(n, np.nan)
-    ndvi, height, slope = (
-        np.asarray(stats.get(k, unknown), np.float64)
-        for k in ("ndvi_mean", "tree_height_p95", "slope_deg")
-    )
+    ndvi, height, slope = (np.asarray(stats.get(k, unknown), np.float64) for k in LABEL_STATS)
     if "ground" in fractions:
         ground, known = fractions["ground"], ~np.isnan(ndvi)
         out["ground_bare"] = np.where(known, np.where(ndvi <= BARREN_NDVI, ground, 0.0), np.nan)

@@ -30,6 +30,7 @@ import torch
 from geoseg.builder.writers import write_bytes_atomic, write_json
 from geoseg.device import AUTO, resolve_device
 from retrieval.amounts import (
+    LABEL_STATS,
     amount_tiers,
     label_shares,
     nearest_class,
@@ -275,10 +276,7 @@ def _label_shares(pool: Sequence[TileInfo]) -> dict[str, np.ndarray]:
     split into bare and green (`retrieval.amounts.label_shares`)."""
     classes = dict.fromkeys(c for t in pool for c in t.classes)
     fractions = {c: np.array([t.class_fractions.get(c, 0.0) for t in pool]) for c in classes}
-    stats = {
-        k: np.array([t.stats.get(k) for t in pool], dtype=np.float64)
-        for k in ("ndvi_mean", "tree_height_p95", "slope_deg")
-    }
+    stats = {k: np.array([t.stats.get(k) for t in pool], dtype=np.float64) for k in LABEL_STATS}
     return label_shares(fractions, stats)
 
 

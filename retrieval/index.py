@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -386,10 +387,12 @@ class TileIndex:
             if c.startswith(PREDICTED)
         }
 
+    @cached_property
     def label_facts(self) -> dict[str, np.ndarray]:
         """What amounts are checked against in a labelled archive (`retrieval.amounts.
-        label_shares`), vectorised over the metadata's `frac_` and `stat_` columns."""
-        from retrieval.amounts import label_shares
+        label_shares`), vectorised over the metadata's `frac_` and `stat_` columns; computed
+        once per opened index (a serving engine keeps the index open across searches)."""
+        from retrieval.amounts import LABEL_STATS, label_shares
 
         unknown = np.full(len(self.tiles), np.nan)
         fractions = {
@@ -401,7 +404,7 @@ class TileIndex:
             k: self.tiles[f"stat_{k}"].to_numpy(np.float64)
             if f"stat_{k}" in self.tiles
             else unknown
-            for k in ("ndvi_mean", "tree_height_p95", "slope_deg")
+            for k in LABEL_STATS
         }
         return label_shares(fractions, stats)
 

@@ -103,11 +103,11 @@ def search(
             if query.text is not None:
                 vector = embed_search_queries(embedder, [query.text.strip()])[0]
                 rescoring = rescore > 0 and uses_documents(embedder)
-                if amounts:
-                    labels = index.label_facts() if uses_documents(embedder) else {}
+                asked = parse_amounts(query.text, nearest_class(embedder)) if amounts else ()
+                if asked:
+                    labels = index.label_facts if uses_documents(embedder) else {}
                     shares, tolerance = reference_shares(labels, index.predicted_shares())
-                    asked = parse_amounts(query.text, nearest_class(embedder))
-                    tiers = amount_tiers(shares, asked, tolerance) if shares else None
+                    tiers = amount_tiers(shares, asked, tolerance)
             else:
                 vector = embedder.embed_tiles(read_rgb(Path(query.image))[None].to(device))[0]
         vector = vector.float().cpu().numpy()
