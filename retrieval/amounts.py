@@ -476,9 +476,11 @@ def amount_tiers(
         return None
     n = len(next(iter(shares.values())))
     unknown, outside = np.zeros(n, bool), np.zeros(n, bool)
-    for a in usable:
+    for a in usable:  # in place, O(n) per query; a NaN compares False, so it is never outside
         share = shares[a.cls]
-        missing = np.isnan(share)
-        unknown |= missing
-        outside |= ~missing & ((share < a.low - tolerance) | (share > a.high + tolerance))
-    return np.where(outside, 2, np.where(unknown, 1, 0))
+        unknown |= np.isnan(share)
+        outside |= share < a.low - tolerance
+        outside |= share > a.high + tolerance
+    tiers = unknown.astype(np.int8)
+    tiers[outside] = 2
+    return tiers

@@ -112,14 +112,7 @@ def search(
                 vector = embedder.embed_tiles(read_rgb(Path(query.image))[None].to(device))[0]
         vector = vector.float().cpu().numpy()
     depth = max(k, rescore) if rescoring else k
-    pairs = index.search(vector[None], depth, query.filters, exclude=exclude)[0]
-    groups = [pairs]
-    if tiers is not None:  # tiers 0 and 1 first, each through a faiss selector, then the rest
-        groups = [
-            index.search(vector[None], depth, query.filters, exclude=exclude, within=tiers == t)[0]
-            for t in (0, 1)
-        ]
-        groups.append([p for p in pairs if tiers[p[0]] == 2])
+    groups = tiered_pairs(index, vector, depth, query.filters, exclude, tiers)
     if rescoring:
         groups = [_rescored(index, embedder, vector, g) for g in groups]
     pairs = [p for g in groups for p in g]
@@ -127,6 +120,27 @@ def search(
     if reranker is not None and hits:
         hits = rerank(index, query.text or "", hits, reranker, device)
     return hits
+
+
+def tiered_pairs(
+    index: TileIndex,
+    vector: np.ndarray,
+    depth: int,
+    filters: Filters,
+    exclude: tuple[str, ...] = (),
+    tiers: np.ndarray | None = None,
+) -> list[list[tuple[int, float]]]:
+    """faiss's top `depth` (row, score) for a query vector within the filters, as ranking
+    groups: one, or with amount tiers (`retrieval.amounts.amount_tiers`) tiers 0 and 1 each
+    through a faiss selector, then tier 2 from the unrestricted top `depth`."""
+    pairs = index.search(vector[None], depth, filters, exclude=exclude)[0]
+    if tiers is None:
+        return [pairs]
+    groups = [
+        index.search(vector[None], depth, filters, exclude=exclude, within=tiers == t)[0]
+        for t in (0, 1)
+    ]
+    return [*groups, [p for p in pairs if tiers[p[0]] == 2]]
 
 
 def _rescored(
