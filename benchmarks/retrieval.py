@@ -26,6 +26,10 @@ hard-negative mining at 10⁶ tiles.
 
 4. Mining at 10⁶ tiles (clustered corpus, dim 384): faiss IVF over all tiles, 20 000 caption
    queries ranked to depth 101, 2 negatives each from ranks 50-100; time, CPU rate and peak RSS.
+5. Amounts at 10⁶ tiles (`--only amounts`): what search's default adds to a text query with an
+   amount or measure: the tiers over all tiles' label facts and the tiered faiss search (tiers
+   0 and 1 through selectors), per query, beside the plain search; the label facts' one-off
+   build time and size.
 """
 
 from __future__ import annotations
@@ -199,7 +203,7 @@ def print_row(r: dict[str, Any]) -> None:
     )
 
 
-PARTS = ("embed", "search", "mine")
+PARTS = ("embed", "search", "mine", "amounts")
 CLUSTERS = 4096
 SPREAD = 1.0
 """Clustered corpus: noise norm relative to a unit centre (member–centre cosine ≈ 0.7)."""
@@ -319,6 +323,77 @@ def search_rows(n: int, queries: int) -> list[dict[str, Any]]:
     return rows
 
 
+def amounts_rows(n: int, queries: int) -> list[dict[str, Any]]:
+    """A text query's amounts at n tiles (clustered corpus, IVF): the label facts (built once
+    per opened index), then per query its tiers (`amount_tiers`) and the tiered faiss search
+    to re-scoring depth (`tiered_pairs`, what `geoseg search` runs), against the plain search.
+    Label facts are synthetic: 40 % of tiles with trees, 20 % without NIR."""
+    import faiss
+
+    from retrieval.amounts import THERE, Amount, amount_tiers, reference_shares
+    from retrieval.index import Filters, TileIndex, make_faiss
+    from retrieval.rescore import RESCORE_TOP
+    from retrieval.search import tiered_pairs
+
+    faiss.omp_set_num_threads(2)
+    rng = np.random.default_rng(2)
+    meta = archive_meta(n)
+    tree = np.where(rng.random(n) < 0.4, rng.random(n), 0.0)
+    meta = meta.assign(
+        frac_others=0.0,
+        frac_ground=1.0 - tree,
+        frac_tree=tree,
+        frac_building=0.0,
+        stat_ndvi_mean=np.where(rng.random(n) < 0.2, np.nan, rng.uniform(-0.2, 0.6, n)),
+        stat_tree_height_p95=np.where(tree > 0, rng.uniform(3.0, 60.0, n), np.nan),
+        stat_slope_deg=rng.gamma(2.0, 3.0, n),
+    )
+    vectors, q = corpus(n, queries, "clustered")
+    index = TileIndex({"kind": "ivf"}, meta, make_faiss(vectors, "ivf"), vectors, Path("."))
+    start = time.perf_counter()
+    facts = index.label_facts
+    facts_s = time.perf_counter() - start
+    shares, tolerance = reference_shares(facts, {})
+    cases: dict[str, list[Amount] | None] = {
+        "none (plain search)": None,
+        "a few trees": [Amount("tree", 0.02, 0.1)],
+        "trees present": [Amount("tree", THERE, 1.0)],
+        "bare soil (NDVI unknown on 20 %)": [Amount("ground_bare", THERE, 1.0)],
+        "trees over 40 m": [Amount("tree_height", 40.0, np.inf), Amount("tree", THERE, 1.0)],
+    }
+    rows = []
+    for name, asked in cases.items():
+        lat, cpu = [], []
+        for i in range(-1, len(q)):  # one warm-up
+            start, c = time.perf_counter(), time.process_time()
+            tiers = None if asked is None else amount_tiers(shares, asked, tolerance)
+            tiered_pairs(index, q[max(i, 0)], RESCORE_TOP, Filters(), (), tiers)
+            if i >= 0:
+                lat.append((time.perf_counter() - start) * 1000)
+                cpu.append((time.process_time() - c) * 1000)
+        row = {
+            "amounts": name,
+            "vectors": n,
+            "tier0_share": None if asked is None else float((tiers == 0).mean()),
+            "p50_ms": statistics.median(lat),
+            "p95_ms": percentile(lat, 95),
+            "cpu_p50_ms": statistics.median(cpu),
+            "cpu_p95_ms": percentile(cpu, 95),
+            "label_facts_s": facts_s,
+            "label_facts_mb": sum(v.nbytes for v in facts.values()) / 2**20,
+            "threads": 2,
+        }
+        rows.append(row)
+        share = "" if asked is None else f" (tier 0: {row['tier0_share']:.1%})"
+        print(
+            f"amounts {name:34} n={n}  p50 {row['p50_ms']:7.2f} ms  p95 {row['p95_ms']:7.2f} ms"
+            f"  cpu p50 {row['cpu_p50_ms']:6.2f} p95 {row['cpu_p95_ms']:6.2f} ms{share}",
+            flush=True,
+        )
+    print(f"label facts: {facts_s:.2f} s once, {rows[0]['label_facts_mb']:.0f} MiB", flush=True)
+    return rows
+
+
 def search_latency(index: Any, q: np.ndarray, filt: Any) -> dict[str, Any]:
     """Wall and CPU ms per single-query search (after one warm-up) and the rows found."""
     index.search(q[:1], 10, filt)
@@ -429,6 +504,12 @@ def main(argv: list[str] | None = None) -> None:
             info["faiss"] = faiss.__version__
             n = args.vectors or (100_000 if args.quick else 1_000_000)
             rows = mining_rows(n, min(n, args.mine_queries))
+        elif part == "amounts":
+            import faiss
+
+            info["faiss"] = faiss.__version__
+            n = args.vectors or (100_000 if args.quick else 1_000_000)
+            rows = amounts_rows(n, args.queries)
         else:
             import faiss
 
